@@ -1,0 +1,43 @@
+"""`llava-export`: checkpoint directory -> verified ONNX bundle."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..runtime.errors import LlavaRtError
+from .exporter import DTYPES
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="llava-export",
+        description="Export a local LLaVA-NeXT checkpoint (no network) into a llava-rt bundle: "
+        "vision, projector and KV-cache decoder ONNX graphs, verified against PyTorch.",
+    )
+    parser.add_argument("--checkpoint", required=True, help="checkpoint directory (config.json, *.safetensors, tokenizer.json, processor configs)")
+    parser.add_argument("--out", required=True, help="bundle directory to create")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="precision of the exported graphs (default: fp32)")
+    parser.add_argument("--force", action="store_true", help="replace an existing bundle at --out")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        from .exporter import export_bundle
+
+        manifest = export_bundle(args.checkpoint, args.out, dtype=args.dtype, force=args.force, log=lambda m: print(m, file=sys.stderr))
+    except LlavaRtError as exc:
+        print(f"llava-export: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("llava-export: interrupted; no bundle was written", file=sys.stderr)
+        return 130
+    diffs = ", ".join(f"{k} {v:.2e}" for k, v in manifest["verification"]["max_abs_diff"].items())
+    print(f"bundle written to {args.out} (max abs diff vs PyTorch: {diffs})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""torch module -> ONNX file with named dynamic axes, standard `ai.onnx` operators only."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import warnings
+from pathlib import Path
+
+import logging
+
+import onnx
+import torch
+
+from ..runtime.errors import ExportError
+
+OPSET = 18
+# Graphs whose weights exceed this are saved with an external data file next to them.
+EXTERNAL_DATA_THRESHOLD = 1 << 30
+
+
+def _dynamic_shapes(args, flat_names: list[str], axes: dict[str, dict[int, str]]):
+    """Mirror the (possibly nested) args structure with `Dim.AUTO` on every named axis."""
+    names = iter(flat_names)
+
+    def build(arg):
+        if isinstance(arg, (tuple, list)):
+            return tuple(build(a) for a in arg)
+        return {axis: torch.export.Dim.AUTO for axis in axes.get(next(names), {})}
+
+    return tuple(build(a) for a in args)
+
+
+def _name_axes(model: onnx.ModelProto, axes: dict[str, dict[int, str]]) -> None:
+    """Replace the exporter's symbolic dims (`s43`) on graph inputs and outputs by our axis names."""
+    for value in list(model.graph.input) + list(model.graph.output):
+        for axis, name in axes.get(value.name, {}).items():
+            value.type.tensor_type.shape.dim[axis].dim_param = name
+    del model.graph.value_info[:]
+
+
+def _quiet_exporter_logs() -> None:
+    """The exporter logs a warning per missing torchvision op; they are irrelevant here."""
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+
+
+def export_onnx(
+    module: torch.nn.Module,
+    args: tuple,
+    path: Path,
+    input_names: list[str],
+    output_names: list[str],
+    axes: dict[str, dict[int, str]],
+) -> onnx.ModelProto:
+    """Export `module(*args)` to `path`; `axes` names the dynamic axes of inputs and outputs."""
+    _quiet_exporter_logs()
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
+        warnings.simplefilter("ignore")
+        try:
+            program = torch.onnx.export(
+                module,
+                args,
+                input_names=input_names,
+                output_names=output_names,
+                dynamic_shapes=_dynamic_shapes(args, input_names, axes),
+                opset_version=OPSET,
+                dynamo=True,
+                verbose=False,
+            )
+        except Exception as exc:  # the exporter raises many error types, with long reports
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+            summary = next((line for line in lines if line.startswith("<class")), lines[0] if lines else repr(exc))
+            raise ExportError(f"ONNX export of {path.name} failed: {summary}") from exc
+    model = program.model_proto
+    _name_axes(model, axes)
+    weight_bytes = sum(len(t.raw_data) for t in model.graph.initializer)
+    external = weight_bytes > EXTERNAL_DATA_THRESHOLD
+    onnx.save_model(
+        model,
+        str(path),
+        save_as_external_data=external,
+        all_tensors_to_one_file=True,
+        location=f"{path.name}.data" if external else None,
+    )
+    return model

@@ -1,0 +1,186 @@
+"""Small random-weight LLaVA-NeXT checkpoints, built locally (no hub): the demo model and test fixtures.
+
+The layout is exactly what `save_pretrained` writes for the real llava-hf checkpoints (config, safetensors,
+generation config, tokenizer.json, processor configs, chat template), only with tiny dimensions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# A small English corpus to train the byte-level BPE on, so that prompts tokenize into real merges.
+_CORPUS = [
+    "What is shown in this image? Describe the picture in detail.",
+    "The image shows a red square, a blue circle and a green triangle on a white background.",
+    "Compare these two images and describe the differences between them.",
+    "A cat is sitting on a wooden table next to a cup of coffee.",
+    "What color is the car? The car is yellow and parked in the street.",
+    "How many people are in the photo? There are three people smiling at the camera.",
+    "Read the text in the chart and summarize what it shows.",
+    "The quick brown fox jumps over the lazy dog. Hello world!",
+    "Is there a dog in the picture? Yes, there is a small dog running on the grass.",
+    "Explain the diagram step by step, then answer the question briefly.",
+]
+
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
+
+MISTRAL_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ '<<SYS>>\\n' + message['content'][0]['text'] + '\\n<</SYS>>\\n\\n' }}"
+    "{% elif message['role'] == 'user' %}{{ '[INST] ' }}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\\n' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] }}{% endfor %}"
+    "{{ ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ ' ' + message['content'][0]['text'] + '</s> ' }}"
+    "{% else %}{{ raise_exception('Only system, user and assistant roles are supported!') }}{% endif %}"
+    "{% endfor %}"
+)
+
+VICUNA_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ message['content'][0]['text'] + ' ' }}"
+    "{% elif message['role'] == 'user' %}{{ 'USER: ' }}"
+    "{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' %}{{ '<image>\\n' }}{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}"
+    "{% endfor %}{{ ' ' }}"
+    "{% elif message['role'] == 'assistant' %}{{ 'ASSISTANT: ' + message['content'][0]['text'] + '</s>' }}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+
+@dataclass(frozen=True)
+class TinySpec:
+    """Dimensions of a tiny checkpoint. Defaults give a Mistral decoder with `vision_feature_layer=-2`."""
+
+    text_model: str = "mistral"  # "mistral" or "llama"
+    vision_feature_layer: int | tuple[int, ...] = -2
+    vision_feature_select_strategy: str = "default"
+    image_size: int = 32
+    patch_size: int = 8
+    image_grid_pinpoints: tuple[tuple[int, int], ...] = ((32, 64), (64, 32), (64, 64), (96, 32), (32, 96))
+    vision_hidden: int = 32
+    vision_layers: int = 3
+    text_hidden: int = 64
+    text_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    max_position_embeddings: int = 1024
+    sliding_window: int | None = None
+    vocab_size: int = 400
+    seed: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def build_tokenizer(vocab_size: int):
+    """Train a byte-level BPE tokenizer on the built-in corpus; BOS is added by its post-processor."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(_CORPUS, trainer)
+    bos_id = tokenizer.token_to_id("<s>")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos_id)]
+    )
+    return tokenizer
+
+
+def build_tiny_checkpoint(out_dir: str | Path, spec: TinySpec = TinySpec()) -> Path:
+    """Write a random-weight `LlavaNextForConditionalGeneration` checkpoint with its processor to `out_dir`."""
+    import torch
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextProcessor,
+        MistralConfig,
+        PreTrainedTokenizerFast,
+    )
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=build_tokenizer(spec.vocab_size),
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+    )
+    tokenizer.padding_side = "left"
+    image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+
+    text_kwargs = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=spec.text_hidden,
+        intermediate_size=spec.text_hidden * 2,
+        num_hidden_layers=spec.text_layers,
+        num_attention_heads=spec.num_heads,
+        num_key_value_heads=spec.num_kv_heads,
+        max_position_embeddings=spec.max_position_embeddings,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    if spec.text_model == "mistral":
+        text_config = MistralConfig(sliding_window=spec.sliding_window, **text_kwargs)
+        chat_template = MISTRAL_CHAT_TEMPLATE
+    elif spec.text_model == "llama":
+        text_config = LlamaConfig(**text_kwargs)
+        chat_template = VICUNA_CHAT_TEMPLATE
+    else:
+        raise ValueError(f"unknown text model {spec.text_model!r}")
+
+    vision_config = CLIPVisionConfig(
+        hidden_size=spec.vision_hidden,
+        intermediate_size=spec.vision_hidden * 2,
+        num_hidden_layers=spec.vision_layers,
+        num_attention_heads=2,
+        image_size=spec.image_size,
+        patch_size=spec.patch_size,
+        projection_dim=spec.vision_hidden,
+    )
+    feature_layer = spec.vision_feature_layer
+    config = LlavaNextConfig(
+        vision_config=vision_config,
+        text_config=text_config,
+        image_token_index=image_token_id,
+        image_grid_pinpoints=[list(p) for p in spec.image_grid_pinpoints],
+        vision_feature_layer=list(feature_layer) if isinstance(feature_layer, tuple) else feature_layer,
+        vision_feature_select_strategy=spec.vision_feature_select_strategy,
+        image_seq_length=(spec.image_size // spec.patch_size) ** 2,
+        **spec.extra,
+    )
+    torch.manual_seed(spec.seed)
+    model = LlavaNextForConditionalGeneration(config).eval()
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out_dir)
+
+    image_processor = LlavaNextImageProcessorPil(
+        size={"shortest_edge": spec.image_size},
+        crop_size={"height": spec.image_size, "width": spec.image_size},
+        image_grid_pinpoints=[list(p) for p in spec.image_grid_pinpoints],
+    )
+    processor = LlavaNextProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=spec.patch_size,
+        vision_feature_select_strategy=spec.vision_feature_select_strategy,
+        chat_template=chat_template,
+        num_additional_image_tokens=1,
+    )
+    processor.save_pretrained(out_dir)
+    return out_dir

@@ -1,0 +1,79 @@
+"""Chat messages in transformers' format and their rendering with the bundle's Jinja chat template."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Any
+
+import jinja2
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from .errors import InputError
+
+ROLES = ("system", "user", "assistant")
+CONTENT_TYPES = ("text", "image")
+
+
+def normalize_messages(messages: Any) -> list[dict[str, Any]]:
+    """Validate a conversation; plain-string content becomes `[{"type": "text", "text": ...}]`."""
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise InputError("messages must be a non-empty list of {'role', 'content'} dicts")
+    normalized = []
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise InputError(f"message {index} must be a dict with 'role' and 'content'")
+        role, content = message["role"], message["content"]
+        if role not in ROLES:
+            raise InputError(f"message {index} has unknown role {role!r} (expected one of {', '.join(ROLES)})")
+        if isinstance(content, str):
+            content = [{"type": "text", "text": content}]
+        if not isinstance(content, (list, tuple)):
+            raise InputError(f"message {index} content must be a string or a list of items")
+        for item in content:
+            if not isinstance(item, dict) or item.get("type") not in CONTENT_TYPES:
+                kind = item.get("type") if isinstance(item, dict) else type(item).__name__
+                raise InputError(f"message {index} has unsupported content type {kind!r} (expected text or image)")
+            if item["type"] == "text" and not isinstance(item.get("text"), str):
+                raise InputError(f"message {index} has a text item without a 'text' string")
+        normalized.append({**message, "content": list(content)})
+    return normalized
+
+
+def image_items(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The image content items of a conversation, in order."""
+    return [item for message in messages for item in message["content"] if item["type"] == "image"]
+
+
+def user_turn(prompt: str, num_images: int) -> list[dict[str, Any]]:
+    """One user message: the images first, then the text (what `llava-run --prompt` sends)."""
+    return [{"role": "user", "content": [{"type": "image"}] * num_images + [{"type": "text", "text": prompt}]}]
+
+
+def _raise_exception(message: str):
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+class ChatTemplate:
+    """A Jinja chat template rendered the way transformers renders it (sandboxed, trimmed blocks)."""
+
+    def __init__(self, source: str, special_tokens: dict[str, str]):
+        environment = ImmutableSandboxedEnvironment(
+            trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+        )
+        environment.filters["tojson"] = _tojson
+        environment.globals["raise_exception"] = _raise_exception
+        environment.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+        self._template = environment.from_string(source)
+        self._special_tokens = special_tokens
+
+    def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+        """Render a normalized conversation; template errors become `InputError`."""
+        try:
+            return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt, **self._special_tokens)
+        except jinja2.exceptions.TemplateError as exc:
+            raise InputError(f"chat template rejected the messages: {exc}") from None

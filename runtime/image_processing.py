@@ -1,0 +1,154 @@
+"""Image loading and anyres preprocessing equal to transformers' `LlavaNextImageProcessorPil` (Pillow + numpy)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from .errors import InputError
+from .packing import select_best_resolution
+
+ImageInput = Union[str, Path, Image.Image, np.ndarray]
+
+
+def load_image(image: ImageInput) -> Image.Image | np.ndarray:
+    """Open a path as a Pillow image; pass Pillow images and HxWx3 uint8 arrays through. Raises `InputError`."""
+    if isinstance(image, (str, Path)):
+        try:
+            with Image.open(image) as opened:
+                opened.load()
+                return opened
+        except FileNotFoundError:
+            raise InputError(f"image file not found: {image}") from None
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+            raise InputError(f"cannot read image {image}: {exc}") from None
+    if isinstance(image, Image.Image):
+        return image
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3 or 0 in image.shape:
+            raise InputError(f"image arrays must be HxWx3 uint8, got shape {image.shape} and dtype {image.dtype}")
+        return image
+    raise InputError(f"unsupported image type {type(image).__name__} (use a path, a PIL image or an HxWx3 uint8 array)")
+
+
+def to_rgb_array(image: Image.Image | np.ndarray) -> np.ndarray:
+    """HxWx3 uint8, compositing transparency onto white exactly as transformers' `convert_to_rgb` does."""
+    if isinstance(image, np.ndarray):
+        return image
+    has_alpha = "A" in image.getbands() or image.info.get("transparency") is not None
+    if has_alpha:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return np.array(Image.alpha_composite(background, rgba).convert("RGB"))
+    return np.array(image.convert("RGB"))
+
+
+def _resize(image: np.ndarray, height: int, width: int, resample: int) -> np.ndarray:
+    """Pillow resize of an HxWx3 uint8 array (Pillow returns a copy when the size is unchanged)."""
+    return np.array(Image.fromarray(image).resize((width, height), resample=resample))
+
+
+def _patch_output_size(height: int, width: int, target: tuple[int, int]) -> tuple[int, int]:
+    """transformers' `get_patch_output_size`: fit inside `target` keeping the aspect ratio (ceil)."""
+    target_height, target_width = target
+    scale_w, scale_h = target_width / width, target_height / height
+    if scale_w < scale_h:
+        return min(math.ceil(height * scale_w), target_height), target_width
+    return target_height, min(math.ceil(width * scale_h), target_width)
+
+
+def _shortest_edge_size(height: int, width: int, shortest_edge: int) -> tuple[int, int]:
+    """transformers' `get_resize_output_image_size` with `default_to_square=False`."""
+    short, long = (width, height) if width <= height else (height, width)
+    new_short, new_long = shortest_edge, int(shortest_edge * long / short)
+    return (new_long, new_short) if width <= height else (new_short, new_long)
+
+
+@dataclass(frozen=True)
+class AnyResImageProcessor:
+    """Anyres tiling: best pinpoint resolution, resize + center pad, tiles, plus a base image resized to a square."""
+
+    size: dict[str, int]
+    crop_size: dict[str, int]
+    image_grid_pinpoints: list[list[int]]
+    resample: int
+    image_mean: list[float]
+    image_std: list[float]
+    rescale_factor: float
+    do_resize: bool = True
+    do_center_crop: bool = True
+    do_rescale: bool = True
+    do_normalize: bool = True
+
+    @classmethod
+    def from_manifest(cls, params: dict[str, Any]) -> "AnyResImageProcessor":
+        fields = cls.__dataclass_fields__
+        return cls(**{k: v for k, v in params.items() if k in fields})
+
+    @property
+    def base_size(self) -> tuple[int, int]:
+        if "height" in self.size and "width" in self.size:
+            return self.size["height"], self.size["width"]
+        return self.size["shortest_edge"], self.size["shortest_edge"]
+
+    @property
+    def tile_size(self) -> int:
+        if self.crop_size.get("height"):
+            return self.crop_size["height"]
+        return self.size.get("height") or self.size["shortest_edge"]
+
+    def _finish_tile(self, tile: np.ndarray) -> np.ndarray:
+        """Per-tile resize, center crop, rescale and normalize; HxWx3 uint8 -> 3xHxW float32."""
+        if self.do_resize:
+            if "shortest_edge" in self.size:
+                height, width = _shortest_edge_size(tile.shape[0], tile.shape[1], self.size["shortest_edge"])
+            else:
+                height, width = self.size["height"], self.size["width"]
+            tile = _resize(tile, height, width, self.resample)
+        chw = np.moveaxis(tile, -1, 0)
+        if self.do_center_crop:
+            chw = _center_crop(chw, self.crop_size["height"], self.crop_size["width"])
+        if self.do_rescale:
+            pixels = (chw.astype(np.float64) * self.rescale_factor).astype(np.float32)
+        else:
+            pixels = chw.astype(np.float32)
+        if self.do_normalize:
+            mean = np.array(self.image_mean, dtype=np.float32)[:, None, None]
+            std = np.array(self.image_std, dtype=np.float32)[:, None, None]
+            pixels = (pixels - mean) / std
+        return pixels
+
+    def preprocess(self, image: Image.Image | np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
+        """One image -> (tiles `[1 + grid tiles, 3, S, S]` float32, original (height, width))."""
+        rgb = to_rgb_array(image)
+        height, width = rgb.shape[:2]
+        best = select_best_resolution((height, width), self.image_grid_pinpoints)
+        new_height, new_width = _patch_output_size(height, width, best)
+        resized = _resize(rgb, new_height, new_width, self.resample)
+        pad_y, pad_x = best[0] - new_height, best[1] - new_width
+        padded = np.pad(
+            resized, ((pad_y // 2, pad_y - pad_y // 2), (pad_x // 2, pad_x - pad_x // 2), (0, 0)), mode="constant"
+        )
+        tile = self.tile_size
+        tiles = [padded[y : y + tile, x : x + tile] for y in range(0, best[0], tile) for x in range(0, best[1], tile)]
+        base = _resize(rgb, *self.base_size, self.resample)
+        return np.stack([self._finish_tile(t) for t in [base, *tiles]]), (height, width)
+
+
+def _center_crop(chw: np.ndarray, crop_height: int, crop_width: int) -> np.ndarray:
+    """transformers' numpy `center_crop`, zero-padding when the image is smaller than the crop."""
+    _, height, width = chw.shape
+    top, left = (height - crop_height) // 2, (width - crop_width) // 2
+    if top >= 0 and left >= 0:
+        return chw[:, top : top + crop_height, left : left + crop_width]
+    new_height, new_width = max(crop_height, height), max(crop_width, width)
+    canvas = np.zeros((chw.shape[0], new_height, new_width), dtype=chw.dtype)
+    top_pad, left_pad = math.ceil((new_height - height) / 2), math.ceil((new_width - width) / 2)
+    canvas[:, top_pad : top_pad + height, left_pad : left_pad + width] = chw
+    top, left = top + top_pad, left + left_pad
+    return canvas[:, top : top + crop_height, left : left + crop_width]
