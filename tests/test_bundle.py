@@ -1,0 +1,123 @@
+"""The bundle contract: manifest, graph rules, checksums, format version, atomic export."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+
+from llava_rt.export import exporter
+from llava_rt.runtime import BundleError, ExportError, Pipeline, load_bundle
+from llava_rt.runtime.bundle import sha256_file
+
+
+def test_manifest_describes_every_file_and_graph(variant):
+    manifest = load_bundle(variant.bundle).manifest
+    files = {p.name for p in variant.bundle.iterdir()} - {"manifest.json"}
+    assert set(manifest["files"]) == files
+    for name, entry in manifest["files"].items():
+        assert sha256_file(variant.bundle / name) == entry["sha256"]
+    assert set(manifest["graphs"]) == {"vision", "projector", "decoder"}
+    assert manifest["tokens"]["image_token_id"] == variant.model.config.image_token_id
+    assert manifest["packing"]["feature_layers"] == (
+        [variant.model.config.vision_feature_layer]
+        if isinstance(variant.model.config.vision_feature_layer, int)
+        else list(variant.model.config.vision_feature_layer)
+    )
+    assert all(diff <= 1e-4 for diff in manifest["verification"]["max_abs_diff"].values())
+
+
+def test_graphs_use_standard_onnx_ops_and_named_axes(variant):
+    manifest = load_bundle(variant.bundle).manifest
+    for name, entry in manifest["graphs"].items():
+        model = onnx.load(variant.bundle / entry["file"])
+        assert {op.domain for op in model.opset_import} <= {"", "ai.onnx"}
+        assert max(op.version for op in model.opset_import) >= 17
+        assert {node.domain for node in model.graph.node} <= {"", "ai.onnx"}
+    decoder = manifest["graphs"]["decoder"]
+    shapes = {value["name"]: value["shape"] for value in decoder["inputs"] + decoder["outputs"]}
+    assert shapes["inputs_embeds"][:2] == ["batch", "sequence"]
+    assert shapes["attention_mask"] == ["batch", "total_sequence"]
+    assert shapes["past_key_values.0.key"][0] == "batch" and shapes["past_key_values.0.key"][2] == "past_sequence"
+    assert shapes["present.0.key"][2] == "total_sequence"
+    assert shapes["logits"] == ["batch", variant.model.config.text_config.vocab_size]
+
+
+def test_token_embedding_table_is_not_duplicated_in_the_decoder(variant):
+    """The table lives once, as embed_tokens.npy; the decoder graph only holds lm_head of that size."""
+    config = variant.model.config.text_config
+    decoder = onnx.load(variant.bundle / "decoder.onnx")
+    table_sized = [t for t in decoder.graph.initializer if sorted(t.dims) == sorted([config.vocab_size, config.hidden_size])]
+    assert len(table_sized) == 1  # lm_head (untied)
+    table = np.load(variant.bundle / "embed_tokens.npy")
+    np.testing.assert_array_equal(table, variant.model.get_input_embeddings().weight.detach().numpy())
+
+
+def copy_bundle(variant, tmp_path):
+    target = tmp_path / "bundle"
+    shutil.copytree(variant.bundle, target)
+    return target
+
+
+def test_modified_file_is_refused(variants, tmp_path):
+    bundle = copy_bundle(variants["mistral"], tmp_path)
+    data = bytearray((bundle / "tokenizer.json").read_bytes())
+    data[10] = ord("X") if data[10] != ord("X") else ord("Y")
+    (bundle / "tokenizer.json").write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="checksum mismatch for bundle file tokenizer.json"):
+        Pipeline.load(bundle)
+
+
+def test_newer_format_version_is_refused(variants, tmp_path):
+    bundle = copy_bundle(variants["mistral"], tmp_path)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["format_version"] += 1
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="newer than this llava-rt supports"):
+        load_bundle(bundle)
+
+
+def test_missing_file_and_missing_manifest_are_refused(variants, tmp_path):
+    bundle = copy_bundle(variants["mistral"], tmp_path)
+    (bundle / "decoder.onnx").unlink()
+    with pytest.raises(BundleError, match="bundle file missing"):
+        load_bundle(bundle)
+    with pytest.raises(BundleError, match="not a llava-rt bundle"):
+        load_bundle(tmp_path)
+
+
+@pytest.mark.parametrize("failure", [ExportError("graph off"), KeyboardInterrupt()])
+def test_failed_or_interrupted_export_leaves_nothing(variants, tmp_path, monkeypatch, failure):
+    """A failure in the last graph (after two were written) leaves neither the bundle nor its temp dir."""
+    real_export = exporter.export_onnx
+
+    def failing_export(module, args, path, *rest):
+        if path.name == "decoder.onnx":
+            raise failure
+        return real_export(module, args, path, *rest)
+
+    monkeypatch.setattr(exporter, "export_onnx", failing_export)
+    out = tmp_path / "out" / "bundle"
+    with pytest.raises(type(failure)):
+        exporter.export_bundle(variants["mistral"].checkpoint, out, log=lambda m: None)
+    assert not out.exists()
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_export_refuses_to_overwrite_without_force(variants):
+    with pytest.raises(ExportError, match="--force"):
+        exporter.export_bundle(variants["mistral"].checkpoint, variants["mistral"].bundle, log=lambda m: None)
+
+
+def test_fp16_bundle_generates(variants, tmp_path):
+    """An fp16 export verifies within its tolerance and runs; its drift against fp32 is reported."""
+    out = tmp_path / "fp16"
+    manifest = exporter.export_bundle(variants["mistral"].checkpoint, out, dtype="fp16", log=lambda m: None)
+    assert manifest["precision"] == "fp16"
+    assert np.load(out / "embed_tokens.npy").dtype == np.float16
+    image = np.random.default_rng(0).integers(0, 256, (40, 60, 3), dtype=np.uint8)
+    result = Pipeline.load(out).generate(prompt="What is shown?", images=[image], max_new_tokens=4)
+    assert len(result.token_ids) >= 1

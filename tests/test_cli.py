@@ -1,0 +1,146 @@
+"""The command lines: output format, and one-line errors with a non-zero exit for every bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from llava_rt.runtime import InputError
+
+
+def run(module: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=300)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, program: str, fragment: str) -> None:
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"{program}: error:") and fragment in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def image_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("images") / "noise.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 80, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def test_run_json_is_one_object_with_every_field(variants, image_file):
+    bundle = variants["mistral"].bundle
+    result = run("llava_rt.runtime.cli", str(bundle), "--prompt", "What is shown?", "--image", str(image_file), "--max-new-tokens", "5", "--json")
+    assert result.returncode == 0, result.stderr
+    payload = json.loads(result.stdout)
+    assert set(payload) == {"prompt", "input_tokens", "token_ids", "text", "timings_ms", "tokens_per_s"}
+    assert payload["prompt"] == "[INST] <image>\nWhat is shown? [/INST]"
+    assert set(payload["timings_ms"]) == {"preprocess", "vision", "prefill", "decode"}
+    assert 1 <= len(payload["token_ids"]) <= 5 and payload["input_tokens"] > 20
+    expected = variants["mistral"].pipeline().generate(prompt="What is shown?", images=[image_file], max_new_tokens=5)
+    assert payload["token_ids"] == expected.token_ids
+
+
+def test_run_plain_prints_the_answer(variants, image_file):
+    result = run("llava_rt.runtime.cli", str(variants["llama"].bundle), "--prompt", "Hi", "--image", str(image_file), "--image", str(image_file), "--max-new-tokens", "3")
+    assert result.returncode == 0, result.stderr
+    assert "tokens/s" in result.stderr
+
+
+def test_export_missing_checkpoint(tmp_path):
+    assert_one_line_error(run("llava_rt.export.cli", "--checkpoint", str(tmp_path / "nope"), "--out", str(tmp_path / "b")), "llava-export", "checkpoint directory not found")
+
+
+def test_export_not_a_llava_next_checkpoint(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    result = run("llava_rt.export.cli", "--checkpoint", str(tmp_path), "--out", str(tmp_path / "b"))
+    assert_one_line_error(result, "llava-export", "not a supported LLaVA checkpoint")
+    assert not (tmp_path / "b").exists()
+
+
+def test_export_directory_without_config(tmp_path):
+    assert_one_line_error(run("llava_rt.export.cli", "--checkpoint", str(tmp_path), "--out", str(tmp_path / "b")), "llava-export", "no config.json")
+
+
+def test_run_corrupt_image(variants, tmp_path):
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    result = run("llava_rt.runtime.cli", str(variants["mistral"].bundle), "--prompt", "Hi", "--image", str(broken))
+    assert_one_line_error(result, "llava-run", "cannot read image")
+
+
+def test_run_missing_image(variants, tmp_path):
+    result = run("llava_rt.runtime.cli", str(variants["mistral"].bundle), "--prompt", "Hi", "--image", str(tmp_path / "none.png"))
+    assert_one_line_error(result, "llava-run", "image file not found")
+
+
+def test_run_image_count_differs_from_placeholders(variants, image_file):
+    result = run("llava_rt.runtime.cli", str(variants["mistral"].bundle), "--prompt", "Look: <image>", "--image", str(image_file))
+    assert_one_line_error(result, "llava-run", "2 <image> placeholders but 1 images")
+
+
+def test_run_prompt_longer_than_context(variants):
+    result = run("llava_rt.runtime.cli", str(variants["mistral"].bundle), "--prompt", "hello world " * 600)
+    assert_one_line_error(result, "llava-run", "longer than the model's context of 1024")
+
+
+def test_run_tampered_and_newer_bundles(variants, tmp_path):
+    import shutil
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(variants["mistral"].bundle, bundle)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["format_version"] = 99
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    assert_one_line_error(run("llava_rt.runtime.cli", str(bundle), "--prompt", "Hi"), "llava-run", "format version 99 is newer")
+    shutil.rmtree(bundle)
+    shutil.copytree(variants["mistral"].bundle, bundle)
+    with open(bundle / "vision.onnx", "r+b") as handle:
+        handle.seek(-1, 2)
+        last = handle.read(1)
+        handle.seek(-1, 2)
+        handle.write(bytes([last[0] ^ 1]))
+    assert_one_line_error(run("llava_rt.runtime.cli", str(bundle), "--prompt", "Hi"), "llava-run", "checksum mismatch for bundle file vision.onnx")
+
+
+def test_run_missing_bundle_and_bad_max_new_tokens(tmp_path, variants):
+    assert_one_line_error(run("llava_rt.runtime.cli", str(tmp_path / "nothing"), "--prompt", "Hi"), "llava-run", "bundle directory not found")
+    assert_one_line_error(run("llava_rt.runtime.cli", str(variants["mistral"].bundle), "--prompt", "Hi", "--max-new-tokens", "0"), "llava-run", "at least 1")
+
+
+@pytest.mark.parametrize(
+    "kwargs, fragment",
+    [
+        (dict(messages=[{"role": "robot", "content": "hi"}]), "unknown role 'robot'"),
+        (dict(messages=[{"role": "user", "content": [{"type": "audio"}]}]), "unsupported content type 'audio'"),
+        (dict(messages=[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "x"}]}]), "1 image placeholders but 0 images"),
+        (dict(prompt="<image> and <image>", images=[np.zeros((8, 8, 3), np.uint8)], apply_chat_template=False), "2 <image> placeholders but 1 images"),
+        (dict(prompt="hi", max_new_tokens=0), "max_new_tokens must be a positive integer"),
+        (dict(), "exactly one of messages= or prompt="),
+    ],
+)
+def test_api_bad_input(pipelines, kwargs, fragment):
+    with pytest.raises(InputError, match=fragment.replace("(", r"\(")):
+        pipelines["mistral"].generate(**kwargs)
+
+
+def test_images_inside_messages(pipelines):
+    image = np.random.default_rng(1).integers(0, 256, (30, 50, 3), dtype=np.uint8)
+    embedded = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "What is it?"}]}]
+    separate = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}]
+    pipeline = pipelines["mistral"]
+    assert pipeline.generate(embedded, max_new_tokens=4).token_ids == pipeline.generate(separate, images=[image], max_new_tokens=4).token_ids
+
+
+def test_demo_command_exports_and_answers(tmp_path, capsys):
+    """The README's first command: build the tiny checkpoint, export it, answer about the drawn image."""
+    from llava_rt.export.demo import main
+
+    assert main(["--workdir", str(tmp_path), "--max-new-tokens", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "answer:" in out and "prefill" in out and "tokens/s" in out
+    assert (tmp_path / "bundle" / "manifest.json").is_file() and (tmp_path / "shapes.png").is_file()
