@@ -93,9 +93,11 @@ def _has_cls_token(model) -> bool:
     return hasattr(embeddings, "class_embedding")
 
 
-def _describe_io(model) -> dict[str, list[dict[str, Any]]]:
-    """Names, dtypes and shapes (ints or axis names) of a graph's inputs and outputs."""
+def _describe_io(path: Path) -> dict[str, list[dict[str, Any]]]:
+    """Names, dtypes and shapes (ints or axis names) of a saved graph's inputs and outputs."""
     import onnx
+
+    model = onnx.load(path, load_external_data=False)
 
     def describe(values):
         return [
@@ -124,8 +126,10 @@ def _export_graphs(model, work: Path, dtype: str, log: Callable[[str], None]) ->
     graphs: dict[str, Any] = {}
     diffs: dict[str, float] = {}
 
-    def record(name: str, proto, diff: float) -> None:
-        graphs[name] = {"file": f"{name}.onnx", **_describe_io(proto)}
+    def record(name: str, diff: float) -> None:
+        graphs[name] = {"file": f"{name}.onnx", **_describe_io(work / f"{name}.onnx")}
+        if (work / f"{name}.onnx.data").is_file():
+            graphs[name]["external_data"] = f"{name}.onnx.data"
         diffs[name] = diff
         limit = verify.TOLERANCE[dtype]
         log(f"  {name}: max abs diff vs PyTorch {diff:.2e} (limit {limit:.0e})")
@@ -136,20 +140,20 @@ def _export_graphs(model, work: Path, dtype: str, log: Callable[[str], None]) ->
     vision = VisionFeatures(model.model.vision_tower, _feature_layers(config), config.vision_feature_select_strategy)
     size = vision_config.image_size
     pixel_values = torch.randn(2, 3, size, size, generator=generator).to(torch_dtype)
-    proto = export_onnx(
+    export_onnx(
         vision, (pixel_values,), work / "vision.onnx", ["pixel_values"], ["image_features"],
         {"pixel_values": {0: "tiles"}, "image_features": {0: "tiles"}},
     )
     diff, features = verify.verify_vision(work / "vision.onnx", vision, pixel_values)
-    record("vision", proto, diff)
+    record("vision", diff)
 
     projector = Projector(model.model.multi_modal_projector)
     features = features.contiguous()
-    proto = export_onnx(
+    export_onnx(
         projector, (features,), work / "projector.onnx", ["image_features"], ["image_embeds"],
         {"image_features": {0: "tiles", 1: "tokens"}, "image_embeds": {0: "tiles", 1: "tokens"}},
     )
-    record("projector", proto, verify.verify_projector(work / "projector.onnx", projector, features))
+    record("projector", verify.verify_projector(work / "projector.onnx", projector, features))
 
     log("[3/4] exporting the decoder graph (KV cache)")
     decoder = DecoderWithCache(model.model.language_model, model.lm_head)
@@ -171,12 +175,13 @@ def _export_graphs(model, work: Path, dtype: str, log: Callable[[str], None]) ->
         **{name: {0: "batch", 2: "past_sequence"} for name in past_names},
         **{name: {0: "batch", 2: "total_sequence"} for name in present_names},
     }
-    proto = export_onnx(
+    export_onnx(
         decoder, (embeds, mask, positions, past), work / "decoder.onnx",
         ["inputs_embeds", "attention_mask", "position_ids", *past_names], ["logits", *present_names], axes,
     )
-    record("decoder", proto, verify.verify_decoder(work / "decoder.onnx", model, num_layers, (kv_heads, head_dim), torch_dtype))
-    graphs["decoder"]["kv_cache"] = {"num_layers": num_layers, "num_kv_heads": kv_heads, "head_dim": head_dim}
+    kv_cache = {"num_layers": num_layers, "num_kv_heads": kv_heads, "head_dim": head_dim}
+    record("decoder", verify.verify_decoder(work / "decoder.onnx", model, kv_cache, torch_dtype))
+    graphs["decoder"]["kv_cache"] = kv_cache
     return graphs, diffs
 
 

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import warnings
 from pathlib import Path
 
-import logging
-
-import onnx
+import onnx_ir as ir
 import torch
 
 from ..runtime.errors import ExportError
@@ -31,12 +30,12 @@ def _dynamic_shapes(args, flat_names: list[str], axes: dict[str, dict[int, str]]
     return tuple(build(a) for a in args)
 
 
-def _name_axes(model: onnx.ModelProto, axes: dict[str, dict[int, str]]) -> None:
+def _name_axes(model: ir.Model, axes: dict[str, dict[int, str]]) -> None:
     """Replace the exporter's symbolic dims (`s43`) on graph inputs and outputs by our axis names."""
-    for value in list(model.graph.input) + list(model.graph.output):
-        for axis, name in axes.get(value.name, {}).items():
-            value.type.tensor_type.shape.dim[axis].dim_param = name
-    del model.graph.value_info[:]
+    for value in [*model.graph.inputs, *model.graph.outputs]:
+        names = axes.get(value.name, {})
+        if names:
+            value.shape = ir.Shape([names.get(axis, dim) for axis, dim in enumerate(value.shape)])
 
 
 def _quiet_exporter_logs() -> None:
@@ -51,8 +50,8 @@ def export_onnx(
     input_names: list[str],
     output_names: list[str],
     axes: dict[str, dict[int, str]],
-) -> onnx.ModelProto:
-    """Export `module(*args)` to `path`; `axes` names the dynamic axes of inputs and outputs."""
+) -> None:
+    """Export `module(*args)` to `path` (weights in `<path>.data` when large); `axes` names the dynamic axes of inputs and outputs."""
     _quiet_exporter_logs()
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
         warnings.simplefilter("ignore")
@@ -71,15 +70,6 @@ def export_onnx(
             lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
             summary = next((line for line in lines if line.startswith("<class")), lines[0] if lines else repr(exc))
             raise ExportError(f"ONNX export of {path.name} failed: {summary}") from exc
-    model = program.model_proto
-    _name_axes(model, axes)
-    weight_bytes = sum(len(t.raw_data) for t in model.graph.initializer)
-    external = weight_bytes > EXTERNAL_DATA_THRESHOLD
-    onnx.save_model(
-        model,
-        str(path),
-        save_as_external_data=external,
-        all_tensors_to_one_file=True,
-        location=f"{path.name}.data" if external else None,
-    )
-    return model
+    _name_axes(program.model, axes)
+    weight_bytes = sum(value.const_value.nbytes for value in program.model.graph.initializers.values())
+    program.save(path, external_data=weight_bytes > EXTERNAL_DATA_THRESHOLD)

@@ -8,6 +8,8 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from ..runtime.decoding import empty_past
+
 # Max abs difference allowed between onnxruntime and PyTorch, per export dtype.
 TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2}
 
@@ -35,7 +37,7 @@ def verify_projector(path: Path, module, image_features: torch.Tensor) -> float:
     return _max_diff(actual, expected)
 
 
-def verify_decoder(path: Path, model, num_layers: int, kv_shape: tuple[int, int], dtype: torch.dtype) -> float:
+def verify_decoder(path: Path, model, kv_cache: dict[str, int], dtype: torch.dtype) -> float:
     """Prefill a left-padded batch of two, then decode one token; compare last-token logits with transformers.
 
     The reference is the transformers language model with its own cache, not our wrapper, so this
@@ -46,18 +48,13 @@ def verify_decoder(path: Path, model, num_layers: int, kv_shape: tuple[int, int]
     language_model = model.model.language_model
     lm_head = model.lm_head
     session = _session(path)
-    kv_heads, head_dim = kv_shape
     generator = torch.Generator().manual_seed(0)
     hidden = language_model.config.hidden_size
     embeds = torch.randn(2, 6, hidden, generator=generator).to(dtype)
     mask = torch.ones(2, 6, dtype=torch.int64)
     mask[1, :2] = 0
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    past = {
-        f"past_key_values.{i}.{kv}": np.zeros((2, kv_heads, 0, head_dim), dtype=embeds.numpy().dtype)
-        for i in range(num_layers)
-        for kv in ("key", "value")
-    }
+    past = empty_past(kv_cache, 2, embeds.numpy().dtype)
     outputs = session.run(
         None, {"inputs_embeds": embeds.numpy(), "attention_mask": mask.numpy(), "position_ids": positions.numpy(), **past}
     )

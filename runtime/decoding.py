@@ -21,6 +21,16 @@ class DecodeOutput:
     decode_steps: int
 
 
+def empty_past(kv_cache: dict[str, int], batch: int, dtype) -> dict[str, np.ndarray]:
+    """Zero-length `past_key_values.*` inputs for a prefill, shaped by the manifest's `kv_cache` entry."""
+    shape = (batch, kv_cache["num_kv_heads"], 0, kv_cache["head_dim"])
+    return {
+        f"past_key_values.{i}.{kv}": np.zeros(shape, dtype=dtype)
+        for i in range(kv_cache["num_layers"])
+        for kv in ("key", "value")
+    }
+
+
 def greedy_decode(
     decoder: Session,
     embed: Callable[[np.ndarray], np.ndarray],
@@ -37,11 +47,7 @@ def greedy_decode(
     """
     batch = inputs_embeds.shape[0]
     dtype = inputs_embeds.dtype
-    past = {
-        f"past_key_values.{i}.{kv}": np.zeros((batch, kv_cache["num_kv_heads"], 0, kv_cache["head_dim"]), dtype=dtype)
-        for i in range(kv_cache["num_layers"])
-        for kv in ("key", "value")
-    }
+    past = empty_past(kv_cache, batch, dtype)
     positions = np.maximum(np.cumsum(attention_mask, axis=-1) - 1, 0).astype(np.int64)
     feeds = {"inputs_embeds": inputs_embeds, "attention_mask": attention_mask, "position_ids": positions, **past}
     tokens: list[list[int]] = [[] for _ in range(batch)]

@@ -18,6 +18,8 @@ ImageInput = Union[str, Path, Image.Image, np.ndarray]
 
 def load_image(image: ImageInput) -> Image.Image | np.ndarray:
     """Open a path as a Pillow image; pass Pillow images and HxWx3 uint8 arrays through. Raises `InputError`."""
+    if isinstance(image, str) and image.startswith(("http://", "https://")):
+        raise InputError(f"image URLs are not fetched; download the image and pass its path: {image}")
     if isinstance(image, (str, Path)):
         try:
             with Image.open(image) as opened:

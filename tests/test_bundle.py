@@ -121,3 +121,18 @@ def test_fp16_bundle_generates(variants, tmp_path):
     image = np.random.default_rng(0).integers(0, 256, (40, 60, 3), dtype=np.uint8)
     result = Pipeline.load(out).generate(prompt="What is shown?", images=[image], max_new_tokens=4)
     assert len(result.token_ids) >= 1
+
+
+def test_large_graphs_use_external_data(variants, tmp_path, monkeypatch):
+    """Above the size threshold, weights go to `<graph>.onnx.data`, checksummed and loaded like the rest."""
+    from llava_rt.export import onnx_export
+
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_THRESHOLD", 0)
+    out = tmp_path / "external"
+    manifest = exporter.export_bundle(variants["mistral"].checkpoint, out, log=lambda m: None)
+    for name in ("vision", "projector", "decoder"):
+        assert manifest["graphs"][name]["external_data"] == f"{name}.onnx.data"
+        assert f"{name}.onnx.data" in manifest["files"]
+    image = np.random.default_rng(0).integers(0, 256, (40, 60, 3), dtype=np.uint8)
+    ask = dict(prompt="What is shown?", images=[image], max_new_tokens=6)
+    assert Pipeline.load(out).generate(**ask).token_ids == Pipeline.load(variants["mistral"].bundle).generate(**ask).token_ids

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from conftest import random_image
+from llava_rt.runtime.decoding import empty_past
 
 MAX_NEW_TOKENS = 12
 
@@ -68,12 +69,7 @@ def test_prefill_logits_match_transformers(variant, pipelines):
     request = pipeline._request(conversation, None, [image], True)
     np.testing.assert_array_equal(request.input_ids, inputs["input_ids"][0].numpy())
     embeds, mask = pipeline._inputs_embeds([request], pipeline.image_features([request]))
-    kv = pipeline.manifest["graphs"]["decoder"]["kv_cache"]
-    past = {
-        f"past_key_values.{i}.{name}": np.zeros((1, kv["num_kv_heads"], 0, kv["head_dim"]), np.float32)
-        for i in range(kv["num_layers"])
-        for name in ("key", "value")
-    }
+    past = empty_past(pipeline.manifest["graphs"]["decoder"]["kv_cache"], 1, np.float32)
     positions = np.arange(embeds.shape[1], dtype=np.int64)[None]
     outputs = pipeline.sessions["decoder"].run({"inputs_embeds": embeds, "attention_mask": mask, "position_ids": positions, **past})
     assert np.abs(outputs["logits"][0] - expected).max() <= 1e-4
