@@ -15,7 +15,9 @@ import numpy as np
 from .. import __version__
 from ..runtime.bundle import FORMAT_VERSION, MANIFEST_NAME, sha256_file
 from ..runtime.errors import ExportError
+from . import verify
 from .checkpoint import Checkpoint, load_model, read_checkpoint
+from .graphs import DecoderWithCache, Projector, VisionFeatures
 from .onnx_export import OPSET, export_onnx
 
 DTYPES = {"fp32": np.float32, "fp16": np.float16}
@@ -89,8 +91,7 @@ def _feature_layers(config) -> list[int]:
 
 def _has_cls_token(model) -> bool:
     """CLIP towers prepend a CLS embedding; SigLIP towers do not."""
-    embeddings = model.model.vision_tower.vision_model.embeddings
-    return hasattr(embeddings, "class_embedding")
+    return any(hasattr(module, "class_embedding") for module in model.model.vision_tower.modules())
 
 
 def _describe_io(path: Path) -> dict[str, list[dict[str, Any]]]:
@@ -112,12 +113,11 @@ def _describe_io(path: Path) -> dict[str, list[dict[str, Any]]]:
     return {"inputs": describe(model.graph.input), "outputs": describe(model.graph.output)}
 
 
-def _export_graphs(model, work: Path, dtype: str, log: Callable[[str], None]) -> tuple[dict[str, Any], dict[str, float]]:
+def _export_graphs(
+    model, work: Path, dtype: str, tolerance: float, log: Callable[[str], None]
+) -> tuple[dict[str, Any], dict[str, float]]:
     """Export vision, projector and decoder graphs into `work`, verifying each; returns manifest entries and diffs."""
     import torch
-
-    from . import verify
-    from .graphs import DecoderWithCache, Projector, VisionFeatures
 
     torch_dtype = {"fp32": torch.float32, "fp16": torch.float16}[dtype]
     config = model.config
@@ -131,10 +131,9 @@ def _export_graphs(model, work: Path, dtype: str, log: Callable[[str], None]) ->
         if (work / f"{name}.onnx.data").is_file():
             graphs[name]["external_data"] = f"{name}.onnx.data"
         diffs[name] = diff
-        limit = verify.TOLERANCE[dtype]
-        log(f"  {name}: max abs diff vs PyTorch {diff:.2e} (limit {limit:.0e})")
-        if not diff <= limit:
-            raise ExportError(f"{name} graph differs from PyTorch by {diff:.3e} (> {limit:.0e}); export aborted")
+        log(f"  {name}: max abs diff vs PyTorch {diff:.2e} (limit {tolerance:.0e})")
+        if not diff <= tolerance:
+            raise ExportError(f"{name} graph differs from PyTorch by {diff:.3e} (> {tolerance:.0e}); export aborted")
 
     log("[2/4] exporting the vision graph")
     vision = VisionFeatures(model.model.vision_tower, _feature_layers(config), config.vision_feature_select_strategy)
@@ -185,7 +184,9 @@ def _export_graphs(model, work: Path, dtype: str, log: Callable[[str], None]) ->
     return graphs, diffs
 
 
-def _manifest(checkpoint: Checkpoint, model, dtype: str, graphs: dict[str, Any], diffs: dict[str, float]) -> dict[str, Any]:
+def _manifest(
+    checkpoint: Checkpoint, model, dtype: str, graphs: dict[str, Any], diffs: dict[str, float], tolerance: float
+) -> dict[str, Any]:
     import onnx
     import torch
     import transformers
@@ -239,7 +240,7 @@ def _manifest(checkpoint: Checkpoint, model, dtype: str, graphs: dict[str, Any],
         "arrays": {"embed_tokens": "embed_tokens.npy", "image_newline": "image_newline.npy"},
         "tokenizer": "tokenizer.json",
         "chat_template": "chat_template.jinja" if checkpoint.chat_template is not None else None,
-        "verification": {"max_abs_diff": diffs},
+        "verification": {"max_abs_diff": diffs, "tolerance": tolerance},
     }
 
 
@@ -248,11 +249,17 @@ def export_bundle(
     out_dir: str | Path,
     dtype: str = "fp32",
     force: bool = False,
+    tolerance: float | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Export a checkpoint into a bundle at `out_dir`; returns the manifest. Nothing is left behind on failure."""
+    """Export a checkpoint into a bundle at `out_dir`; returns the manifest. Nothing is left behind on failure.
+
+    Each graph must match PyTorch within `tolerance` (max abs difference; default per dtype, see
+    `verify.TOLERANCE`).
+    """
     if dtype not in DTYPES:
         raise ExportError(f"unsupported dtype {dtype!r} (choose from {', '.join(DTYPES)})")
+    tolerance = verify.TOLERANCE[dtype] if tolerance is None else tolerance
     out_dir = Path(out_dir)
     if out_dir.exists() and not force:
         raise ExportError(f"output already exists: {out_dir} (use --force to replace it)")
@@ -264,7 +271,7 @@ def export_bundle(
 
     work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        graphs, diffs = _export_graphs(model, work, dtype, log)
+        graphs, diffs = _export_graphs(model, work, dtype, tolerance, log)
         log("[4/4] writing embeddings, tokenizer, chat template and manifest")
         embed = model.get_input_embeddings().weight.detach().float().numpy().astype(DTYPES[dtype])
         np.save(work / "embed_tokens.npy", embed)
@@ -272,7 +279,7 @@ def export_bundle(
         shutil.copyfile(checkpoint.tokenizer_file, work / "tokenizer.json")
         if checkpoint.chat_template is not None:
             (work / "chat_template.jinja").write_text(checkpoint.chat_template)
-        manifest = _manifest(checkpoint, model, dtype, graphs, diffs)
+        manifest = _manifest(checkpoint, model, dtype, graphs, diffs, tolerance)
         manifest["files"] = {
             p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in sorted(work.iterdir()) if p.is_file()
         }

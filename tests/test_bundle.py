@@ -89,21 +89,27 @@ def test_missing_file_and_missing_manifest_are_refused(variants, tmp_path):
         load_bundle(tmp_path)
 
 
-@pytest.mark.parametrize("failure", [ExportError("graph off"), KeyboardInterrupt()])
-def test_failed_or_interrupted_export_leaves_nothing(variants, tmp_path, monkeypatch, failure):
-    """A failure in the last graph (after two were written) leaves neither the bundle nor its temp dir."""
+def test_failed_verification_leaves_nothing(variants, tmp_path):
+    """A graph off by more than the tolerance aborts the export; no bundle, no temp dir remains."""
+    out = tmp_path / "out" / "bundle"
+    with pytest.raises(ExportError, match="differs from PyTorch"):
+        exporter.export_bundle(variants["mistral"].checkpoint, out, tolerance=0.0, log=lambda m: None)
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_interrupted_export_leaves_nothing(variants, tmp_path, monkeypatch):
+    """Ctrl-C during the last graph (after two were written) leaves neither the bundle nor its temp dir."""
     real_export = exporter.export_onnx
 
-    def failing_export(module, args, path, *rest):
+    def interrupted_export(module, args, path, *rest):
         if path.name == "decoder.onnx":
-            raise failure
+            raise KeyboardInterrupt
         return real_export(module, args, path, *rest)
 
-    monkeypatch.setattr(exporter, "export_onnx", failing_export)
+    monkeypatch.setattr(exporter, "export_onnx", interrupted_export)
     out = tmp_path / "out" / "bundle"
-    with pytest.raises(type(failure)):
+    with pytest.raises(KeyboardInterrupt):
         exporter.export_bundle(variants["mistral"].checkpoint, out, log=lambda m: None)
-    assert not out.exists()
     assert list((tmp_path / "out").iterdir()) == []
 
 
@@ -136,3 +142,30 @@ def test_large_graphs_use_external_data(variants, tmp_path, monkeypatch):
     image = np.random.default_rng(0).integers(0, 256, (40, 60, 3), dtype=np.uint8)
     ask = dict(prompt="What is shown?", images=[image], max_new_tokens=6)
     assert Pipeline.load(out).generate(**ask).token_ids == Pipeline.load(variants["mistral"].bundle).generate(**ask).token_ids
+
+
+def test_full_strategy_keeps_cls_in_the_vision_graph(tmp_path):
+    """`full` keeps CLS: the vision graph returns every token of the chosen layer; anyres packing then
+    cannot place the CLS token (transformers cannot either), which the runtime reports as an input error."""
+    import torch
+    from transformers import LlavaNextForConditionalGeneration
+
+    from llava_rt.export.tiny_checkpoint import TinySpec, build_tiny_checkpoint
+    from llava_rt.runtime import InputError
+    from llava_rt.runtime.backends import open_session
+
+    checkpoint = build_tiny_checkpoint(tmp_path / "ckpt", TinySpec(vision_feature_select_strategy="full", seed=3))
+    manifest = exporter.export_bundle(checkpoint, tmp_path / "bundle", log=lambda m: None)
+    assert manifest["packing"]["tokens_per_tile"] == 16 + 1
+    model = LlavaNextForConditionalGeneration.from_pretrained(checkpoint).eval()
+    pixels = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model.model.vision_tower(pixels, output_hidden_states=True).hidden_states[-2]
+    vision = open_session(tmp_path / "bundle" / "vision.onnx")
+    actual = vision.run({"pixel_values": pixels.numpy()})["image_features"]
+    assert actual.shape == tuple(expected.shape) == (3, 17, 32)
+    assert np.abs(actual - expected.numpy()).max() <= 1e-5
+    pipeline = Pipeline.load(tmp_path / "bundle")
+    with pytest.raises(InputError, match="CLS token"):
+        pipeline.generate(prompt="hi", images=[np.zeros((32, 32, 3), np.uint8)])
+    assert pipeline.generate(prompt="hi", max_new_tokens=2).token_ids
