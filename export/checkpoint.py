@@ -88,12 +88,10 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     )
 
 
-def load_model(checkpoint: Checkpoint, dtype: str):
-    """Load the transformers model in eval mode, in `dtype` ("fp32" or "fp16"), with eager attention."""
-    import torch
+def load_model(checkpoint: Checkpoint, torch_dtype):
+    """Load the transformers model in eval mode, in `torch_dtype`, with eager attention."""
     import transformers
 
-    torch_dtype = {"fp32": torch.float32, "fp16": torch.float16}[dtype]
     model_class = getattr(transformers, MODEL_CLASSES[checkpoint.model_type])
     try:
         model = model_class.from_pretrained(

@@ -15,11 +15,18 @@ def build_parser() -> argparse.ArgumentParser:
         description="Export a local LLaVA-NeXT checkpoint (no network) into a llava-rt bundle: "
         "vision, projector and KV-cache decoder ONNX graphs, verified against PyTorch.",
     )
-    parser.add_argument("--checkpoint", required=True, help="checkpoint directory (config.json, *.safetensors, tokenizer.json, processor configs)")
-    parser.add_argument("--out", required=True, help="bundle directory to create")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="precision of the exported graphs (default: fp32)")
     parser.add_argument(
-        "--tolerance", type=float, default=None, metavar="X",
+        "--checkpoint", required=True, help="checkpoint directory (config.json, *.safetensors, tokenizer.json, processor configs)"
+    )
+    parser.add_argument("--out", required=True, help="bundle directory to create")
+    parser.add_argument(
+        "--dtype", choices=sorted(DTYPES), default="fp32", help="precision of the exported graphs (default: fp32)"
+    )
+    parser.add_argument(
+        "--tolerance",
+        type=float,
+        default=None,
+        metavar="X",
         help="largest max abs difference vs PyTorch a graph may show (default: 1e-4 for fp32, 2e-2 for fp16)",
     )
     parser.add_argument("--force", action="store_true", help="replace an existing bundle at --out")
@@ -32,7 +39,11 @@ def main(argv: list[str] | None = None) -> int:
         from .exporter import export_bundle
 
         manifest = export_bundle(
-            args.checkpoint, args.out, dtype=args.dtype, force=args.force, tolerance=args.tolerance,
+            args.checkpoint,
+            args.out,
+            dtype=args.dtype,
+            force=args.force,
+            tolerance=args.tolerance,
             log=lambda message: print(message, file=sys.stderr),
         )
     except LlavaRtError as exc:

@@ -32,7 +32,12 @@ def draw_image(path: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="llava-demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR, help=f"where to put the checkpoint and bundle (default: {DEFAULT_WORKDIR})")
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=DEFAULT_WORKDIR,
+        help=f"where to put the checkpoint and bundle (default: {DEFAULT_WORKDIR})",
+    )
     parser.add_argument("--max-new-tokens", type=int, default=24)
     args = parser.parse_args(argv)
 
@@ -64,9 +69,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"image:   {image} (320x240 -> {result.input_tokens} prompt tokens)")
     print(f"answer:  {result.text!r}  (random weights: expect gibberish)")
     print(f"ids:     {result.token_ids}")
-    print(f"timings: checkpoint + export {export_s:.1f} s, bundle load {load_s * 1e3:.0f} ms, "
-          + ", ".join(f"{stage} {ms:.1f} ms" for stage, ms in result.timings_ms.items())
-          + f", {result.tokens_per_s:.0f} tokens/s")
+    print(
+        f"timings: checkpoint + export {export_s:.1f} s, bundle load {load_s * 1e3:.0f} ms, "
+        + ", ".join(f"{stage} {ms:.1f} ms" for stage, ms in result.timings_ms.items())
+        + f", {result.tokens_per_s:.0f} tokens/s"
+    )
     print(f"again:   llava-run {bundle} --image {image} --prompt {QUESTION!r}")
     return 0
 

@@ -51,7 +51,10 @@ def export_onnx(
     output_names: list[str],
     axes: dict[str, dict[int, str]],
 ) -> None:
-    """Export `module(*args)` to `path` (weights in `<path>.data` when large); `axes` names the dynamic axes of inputs and outputs."""
+    """Export `module(*args)` to `path` (weights in `<path>.data` when large).
+
+    `axes` names the dynamic axes of inputs and outputs: `{tensor name: {axis: axis name}}`.
+    """
     _quiet_exporter_logs()
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
         warnings.simplefilter("ignore")

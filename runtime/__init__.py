@@ -1,8 +1,8 @@
 """The torch-free llava-rt runtime: load a bundle and generate.
 
-    from llava_rt.runtime import Pipeline
-    pipe = Pipeline.load("bundle/")
-    print(pipe.generate(prompt="What is shown here?", images=["cat.png"]).text)
+from llava_rt.runtime import Pipeline
+pipe = Pipeline.load("bundle/")
+print(pipe.generate(prompt="What is shown here?", images=["cat.png"]).text)
 """
 
 from .bundle import Bundle, load_bundle

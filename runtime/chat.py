@@ -62,9 +62,7 @@ class ChatTemplate:
     """A Jinja chat template rendered the way transformers renders it (sandboxed, trimmed blocks)."""
 
     def __init__(self, source: str, special_tokens: dict[str, str]):
-        environment = ImmutableSandboxedEnvironment(
-            trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
-        )
+        environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
         environment.filters["tojson"] = _tojson
         environment.globals["raise_exception"] = _raise_exception
         environment.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)

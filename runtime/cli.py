@@ -18,7 +18,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prompt", required=True, help="the user's question")
     parser.add_argument("--image", action="append", default=[], metavar="PATH", help="an image file; repeat for several images")
     parser.add_argument("--max-new-tokens", type=int, default=128, metavar="N", help="most tokens to generate (default: 128)")
-    parser.add_argument("--threads", type=int, default=None, metavar="N", help="onnxruntime intra-op threads (default: all cores)")
+    parser.add_argument(
+        "--threads", type=int, default=None, metavar="N", help="onnxruntime intra-op threads (default: all cores)"
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object with the prompt, ids, text and timings")
     return parser
 
@@ -41,8 +43,11 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(result.text)
         timings = ", ".join(f"{stage} {ms:.1f} ms" for stage, ms in result.timings_ms.items())
-        print(f"[{result.input_tokens} prompt tokens, {len(result.token_ids)} generated; {timings}; "
-              f"{result.tokens_per_s:.1f} tokens/s]", file=sys.stderr)
+        print(
+            f"[{result.input_tokens} prompt tokens, {len(result.token_ids)} generated; {timings}; "
+            f"{result.tokens_per_s:.1f} tokens/s]",
+            file=sys.stderr,
+        )
     return 0
 
 

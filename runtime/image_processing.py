@@ -133,9 +133,7 @@ class AnyResImageProcessor:
         new_height, new_width = _patch_output_size(height, width, best)
         resized = _resize(rgb, new_height, new_width, self.resample)
         pad_y, pad_x = best[0] - new_height, best[1] - new_width
-        padded = np.pad(
-            resized, ((pad_y // 2, pad_y - pad_y // 2), (pad_x // 2, pad_x - pad_x // 2), (0, 0)), mode="constant"
-        )
+        padded = np.pad(resized, ((pad_y // 2, pad_y - pad_y // 2), (pad_x // 2, pad_x - pad_x // 2), (0, 0)), mode="constant")
         tile = self.tile_size
         tiles = [padded[y : y + tile, x : x + tile] for y in range(0, best[0], tile) for x in range(0, best[1], tile)]
         base = _resize(rgb, *self.base_size, self.resample)

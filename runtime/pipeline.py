@@ -61,7 +61,9 @@ class Pipeline:
         self.max_length = manifest["text"]["max_position_embeddings"]
 
     @classmethod
-    def load(cls, path: str | Path, backend: str = "onnxruntime", threads: int | None = None, verify_checksums: bool = True) -> "Pipeline":
+    def load(
+        cls, path: str | Path, backend: str = "onnxruntime", threads: int | None = None, verify_checksums: bool = True
+    ) -> "Pipeline":
         """Load a bundle directory (checksums verified unless told otherwise)."""
         return cls(load_bundle(path, verify_checksums=verify_checksums), backend=backend, threads=threads)
 

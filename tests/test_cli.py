@@ -34,7 +34,17 @@ def image_file(tmp_path_factory):
 
 def test_run_json_is_one_object_with_every_field(variants, image_file):
     bundle = variants["mistral"].bundle
-    result = run("llava_rt.runtime.cli", str(bundle), "--prompt", "What is shown?", "--image", str(image_file), "--max-new-tokens", "5", "--json")
+    result = run(
+        "llava_rt.runtime.cli",
+        str(bundle),
+        "--prompt",
+        "What is shown?",
+        "--image",
+        str(image_file),
+        "--max-new-tokens",
+        "5",
+        "--json",
+    )
     assert result.returncode == 0, result.stderr
     payload = json.loads(result.stdout)
     assert set(payload) == {"prompt", "input_tokens", "token_ids", "text", "timings_ms", "tokens_per_s"}
@@ -46,13 +56,28 @@ def test_run_json_is_one_object_with_every_field(variants, image_file):
 
 
 def test_run_plain_prints_the_answer(variants, image_file):
-    result = run("llava_rt.runtime.cli", str(variants["llama"].bundle), "--prompt", "Hi", "--image", str(image_file), "--image", str(image_file), "--max-new-tokens", "3")
+    result = run(
+        "llava_rt.runtime.cli",
+        str(variants["llama"].bundle),
+        "--prompt",
+        "Hi",
+        "--image",
+        str(image_file),
+        "--image",
+        str(image_file),
+        "--max-new-tokens",
+        "3",
+    )
     assert result.returncode == 0, result.stderr
     assert "tokens/s" in result.stderr
 
 
 def test_export_missing_checkpoint(tmp_path):
-    assert_one_line_error(run("llava_rt.export.cli", "--checkpoint", str(tmp_path / "nope"), "--out", str(tmp_path / "b")), "llava-export", "checkpoint directory not found")
+    assert_one_line_error(
+        run("llava_rt.export.cli", "--checkpoint", str(tmp_path / "nope"), "--out", str(tmp_path / "b")),
+        "llava-export",
+        "checkpoint directory not found",
+    )
 
 
 def test_export_not_a_llava_next_checkpoint(tmp_path):
@@ -63,7 +88,9 @@ def test_export_not_a_llava_next_checkpoint(tmp_path):
 
 
 def test_export_directory_without_config(tmp_path):
-    assert_one_line_error(run("llava_rt.export.cli", "--checkpoint", str(tmp_path), "--out", str(tmp_path / "b")), "llava-export", "no config.json")
+    assert_one_line_error(
+        run("llava_rt.export.cli", "--checkpoint", str(tmp_path), "--out", str(tmp_path / "b")), "llava-export", "no config.json"
+    )
 
 
 def test_run_corrupt_image(variants, tmp_path):
@@ -104,12 +131,20 @@ def test_run_tampered_and_newer_bundles(variants, tmp_path):
         last = handle.read(1)
         handle.seek(-1, 2)
         handle.write(bytes([last[0] ^ 1]))
-    assert_one_line_error(run("llava_rt.runtime.cli", str(bundle), "--prompt", "Hi"), "llava-run", "checksum mismatch for bundle file vision.onnx")
+    assert_one_line_error(
+        run("llava_rt.runtime.cli", str(bundle), "--prompt", "Hi"), "llava-run", "checksum mismatch for bundle file vision.onnx"
+    )
 
 
 def test_run_missing_bundle_and_bad_max_new_tokens(tmp_path, variants):
-    assert_one_line_error(run("llava_rt.runtime.cli", str(tmp_path / "nothing"), "--prompt", "Hi"), "llava-run", "bundle directory not found")
-    assert_one_line_error(run("llava_rt.runtime.cli", str(variants["mistral"].bundle), "--prompt", "Hi", "--max-new-tokens", "0"), "llava-run", "at least 1")
+    assert_one_line_error(
+        run("llava_rt.runtime.cli", str(tmp_path / "nothing"), "--prompt", "Hi"), "llava-run", "bundle directory not found"
+    )
+    assert_one_line_error(
+        run("llava_rt.runtime.cli", str(variants["mistral"].bundle), "--prompt", "Hi", "--max-new-tokens", "0"),
+        "llava-run",
+        "at least 1",
+    )
 
 
 @pytest.mark.parametrize(
@@ -117,8 +152,14 @@ def test_run_missing_bundle_and_bad_max_new_tokens(tmp_path, variants):
     [
         (dict(messages=[{"role": "robot", "content": "hi"}]), "unknown role 'robot'"),
         (dict(messages=[{"role": "user", "content": [{"type": "audio"}]}]), "unsupported content type 'audio'"),
-        (dict(messages=[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "x"}]}]), "1 image placeholders but 0 images"),
-        (dict(prompt="<image> and <image>", images=[np.zeros((8, 8, 3), np.uint8)], apply_chat_template=False), "2 <image> placeholders but 1 images"),
+        (
+            dict(messages=[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "x"}]}]),
+            "1 image placeholders but 0 images",
+        ),
+        (
+            dict(prompt="<image> and <image>", images=[np.zeros((8, 8, 3), np.uint8)], apply_chat_template=False),
+            "2 <image> placeholders but 1 images",
+        ),
         (dict(prompt="hi", max_new_tokens=0), "max_new_tokens must be a positive integer"),
         (dict(), "exactly one of messages= or prompt="),
     ],
@@ -133,7 +174,10 @@ def test_images_inside_messages(pipelines):
     embedded = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "What is it?"}]}]
     separate = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}]
     pipeline = pipelines["mistral"]
-    assert pipeline.generate(embedded, max_new_tokens=4).token_ids == pipeline.generate(separate, images=[image], max_new_tokens=4).token_ids
+    assert (
+        pipeline.generate(embedded, max_new_tokens=4).token_ids
+        == pipeline.generate(separate, images=[image], max_new_tokens=4).token_ids
+    )
 
 
 def test_demo_command_exports_and_answers(tmp_path, capsys):

@@ -71,5 +71,7 @@ def test_prefill_logits_match_transformers(variant, pipelines):
     embeds, mask = pipeline._inputs_embeds([request], pipeline.image_features([request]))
     past = empty_past(pipeline.manifest["graphs"]["decoder"]["kv_cache"], 1, np.float32)
     positions = np.arange(embeds.shape[1], dtype=np.int64)[None]
-    outputs = pipeline.sessions["decoder"].run({"inputs_embeds": embeds, "attention_mask": mask, "position_ids": positions, **past})
+    outputs = pipeline.sessions["decoder"].run(
+        {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": positions, **past}
+    )
     assert np.abs(outputs["logits"][0] - expected).max() <= 1e-4

@@ -11,7 +11,22 @@ from transformers.models.llava_next.image_processing_pil_llava_next import Llava
 from conftest import random_image
 from llava_rt.runtime.packing import anyres_layout, pack_anyres
 
-SIZES = [(1, 1), (5, 300), (300, 5), (32, 32), (40, 90), (90, 40), (64, 64), (100, 33), (17, 250), (333, 1000), (1000, 333), (2000, 30), (30, 2000), (720, 1280)]
+SIZES = [
+    (1, 1),
+    (5, 300),
+    (300, 5),
+    (32, 32),
+    (40, 90),
+    (90, 40),
+    (64, 64),
+    (100, 33),
+    (17, 250),
+    (333, 1000),
+    (1000, 333),
+    (2000, 30),
+    (30, 2000),
+    (720, 1280),
+]
 
 
 def packing_params(pipeline) -> dict:
@@ -58,8 +73,11 @@ def real_processor(tokenizer) -> tuple[LlavaNextProcessor, dict]:
         size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}, image_grid_pinpoints=pinpoints
     )
     processor = LlavaNextProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, patch_size=14,
-        vision_feature_select_strategy="default", num_additional_image_tokens=1,
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=14,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
     )
     packing = {"tile_size": 336, "patch_grid": 24, "tokens_per_tile": 576, "image_grid_pinpoints": pinpoints}
     return processor, packing

@@ -13,10 +13,32 @@ from llava_rt.runtime.errors import InputError
 from llava_rt.runtime.image_processing import AnyResImageProcessor, load_image
 
 SIZES = [  # (height, width): tiny, extreme strips, portrait, landscape, square, odd sizes
-    (1, 1), (1, 2), (2, 1), (3, 3), (7, 5), (30, 2000), (2000, 30), (1, 500), (500, 1),
-    (336, 336), (337, 335), (224, 224), (100, 100), (640, 480), (480, 640), (1024, 768),
-    (768, 1024), (720, 1280), (1280, 720), (333, 1000), (1000, 333), (672, 672), (1008, 336),
-    (336, 1008), (50, 51), (999, 17),
+    (1, 1),
+    (1, 2),
+    (2, 1),
+    (3, 3),
+    (7, 5),
+    (30, 2000),
+    (2000, 30),
+    (1, 500),
+    (500, 1),
+    (336, 336),
+    (337, 335),
+    (224, 224),
+    (100, 100),
+    (640, 480),
+    (480, 640),
+    (1024, 768),
+    (768, 1024),
+    (720, 1280),
+    (1280, 720),
+    (333, 1000),
+    (1000, 333),
+    (672, 672),
+    (1008, 336),
+    (336, 1008),
+    (50, 51),
+    (999, 17),
 ]
 MODES = ["RGB", "L", "RGBA", "P", "P+transparency", "CMYK", "I;16", "LA", "ndarray"]
 REAL_CONFIG = dict(  # llava-hf/llava-v1.6-mistral-7b-hf's preprocessor_config.json

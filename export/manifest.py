@@ -1,0 +1,162 @@
+"""The bundle manifest: every parameter the runtime needs, read from the checkpoint and the loaded model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import onnx
+import torch
+import transformers
+from tokenizers import Tokenizer
+
+from .. import __version__
+from ..runtime.bundle import FORMAT_VERSION
+from .checkpoint import Checkpoint
+from .onnx_export import OPSET
+
+# LlavaNextImageProcessor's defaults, for keys a checkpoint's processor config leaves out.
+_IMAGE_PROCESSOR_DEFAULTS = {
+    "do_resize": True,
+    "size": {"shortest_edge": 224},
+    "resample": 3,
+    "do_center_crop": True,
+    "crop_size": {"height": 224, "width": 224},
+    "do_rescale": True,
+    "rescale_factor": 1 / 255,
+    "do_normalize": True,
+    "image_mean": [0.48145466, 0.4578275, 0.40821073],
+    "image_std": [0.26862954, 0.26130258, 0.27577711],
+    "do_convert_rgb": True,
+}
+
+
+def _size_dict(value: Any, square: bool) -> dict[str, int]:
+    """transformers' `get_size_dict`: an int means a shortest edge (or a square, for crop sizes)."""
+    if isinstance(value, dict):
+        return {k: int(v) for k, v in value.items() if v is not None}
+    return {"height": int(value), "width": int(value)} if square else {"shortest_edge": int(value)}
+
+
+def _preprocess_params(checkpoint: Checkpoint) -> dict[str, Any]:
+    given = checkpoint.image_processor
+    params = {**_IMAGE_PROCESSOR_DEFAULTS, **{k: given[k] for k in _IMAGE_PROCESSOR_DEFAULTS if k in given}}
+    params["size"] = _size_dict(params["size"], square=False)
+    params["crop_size"] = _size_dict(params["crop_size"], square=True)
+    pinpoints = checkpoint.image_processor.get("image_grid_pinpoints") or checkpoint.config["image_grid_pinpoints"]
+    params["image_grid_pinpoints"] = [list(map(int, p)) for p in pinpoints]
+    params["resample"] = int(params["resample"])
+    return params
+
+
+def _special_token(tokenizer_config: dict, key: str) -> str | None:
+    value = tokenizer_config.get(key)
+    return value.get("content") if isinstance(value, dict) else value
+
+
+def _token_params(checkpoint: Checkpoint, model) -> dict[str, Any]:
+    tokenizer = Tokenizer.from_file(str(checkpoint.tokenizer_file))
+    text_config = model.config.text_config
+    strings = {
+        key: _special_token(checkpoint.tokenizer_config, key) for key in ("bos_token", "eos_token", "unk_token", "pad_token")
+    }
+    eos = checkpoint.generation_config.get("eos_token_id", text_config.eos_token_id)
+    eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
+    if not eos_ids and strings["eos_token"]:
+        eos_ids = [tokenizer.token_to_id(strings["eos_token"])]
+    pad_id = checkpoint.generation_config.get("pad_token_id")
+    if pad_id is None and strings["pad_token"]:
+        pad_id = tokenizer.token_to_id(strings["pad_token"])
+    image_token = checkpoint.processor.get("image_token", "<image>")
+    return {
+        "image_token": image_token,
+        "image_token_id": int(model.config.image_token_id),
+        "bos_token_id": checkpoint.generation_config.get("bos_token_id", text_config.bos_token_id),
+        "eos_token_ids": [int(i) for i in eos_ids],
+        "pad_token_id": int(pad_id if pad_id is not None else eos_ids[0]),
+        "special_tokens": {k: v for k, v in strings.items() if v is not None},
+    }
+
+
+def feature_layers(config) -> list[int]:
+    layer = config.vision_feature_layer
+    return [layer] if isinstance(layer, int) else list(layer)
+
+
+def _has_cls_token(model) -> bool:
+    """CLIP towers prepend a CLS embedding; SigLIP towers do not."""
+    return any(hasattr(module, "class_embedding") for module in model.model.vision_tower.modules())
+
+
+def describe_io(path: Path) -> dict[str, list[dict[str, Any]]]:
+    """Names, dtypes and shapes (ints or axis names) of a saved graph's inputs and outputs."""
+    model = onnx.load(path, load_external_data=False)
+
+    def describe(values):
+        return [
+            {
+                "name": v.name,
+                "dtype": onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name,
+                "shape": [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim],
+            }
+            for v in values
+        ]
+
+    return {"inputs": describe(model.graph.input), "outputs": describe(model.graph.output)}
+
+
+def build_manifest(
+    checkpoint: Checkpoint, model, dtype: str, graphs: dict[str, Any], diffs: dict[str, float], tolerance: float
+) -> dict[str, Any]:
+    """The manifest of a bundle, less its `files` table (written last, once every file exists)."""
+    config = model.config
+    vision_config, text_config = config.vision_config, config.text_config
+    grid = vision_config.image_size // vision_config.patch_size
+    strategy = config.vision_feature_select_strategy
+    return {
+        "format_version": FORMAT_VERSION,
+        "family": "llava_next",
+        "model_type": config.model_type,
+        "architecture": type(model).__name__,
+        "precision": dtype,
+        "producer": {
+            "llava_rt": __version__,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "onnx": onnx.__version__,
+            "opset": OPSET,
+        },
+        "text": {
+            "model_type": text_config.model_type,
+            "hidden_size": text_config.hidden_size,
+            "num_layers": text_config.num_hidden_layers,
+            "num_attention_heads": text_config.num_attention_heads,
+            "vocab_size": text_config.vocab_size,
+            "max_position_embeddings": text_config.max_position_embeddings,
+            "sliding_window": getattr(text_config, "sliding_window", None),
+        },
+        "vision": {
+            "model_type": vision_config.model_type,
+            "image_size": vision_config.image_size,
+            "patch_size": vision_config.patch_size,
+            "hidden_size": vision_config.hidden_size,
+        },
+        "tokens": _token_params(checkpoint, model),
+        "preprocess": _preprocess_params(checkpoint),
+        "packing": {
+            "mode": "anyres",
+            "tile_size": vision_config.image_size,
+            "patch_grid": grid,
+            "tokens_per_tile": grid * grid + (1 if strategy == "full" and _has_cls_token(model) else 0),
+            "image_grid_pinpoints": [list(map(int, p)) for p in config.image_grid_pinpoints],
+            "feature_layers": feature_layers(config),
+            "select_strategy": strategy,
+            "image_newline": True,
+            "pooling": None,
+        },
+        "graphs": graphs,
+        "arrays": {"embed_tokens": "embed_tokens.npy", "image_newline": "image_newline.npy"},
+        "tokenizer": "tokenizer.json",
+        "chat_template": "chat_template.jinja" if checkpoint.chat_template is not None else None,
+        "verification": {"max_abs_diff": diffs, "tolerance": tolerance},
+    }
