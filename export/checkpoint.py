@@ -10,7 +10,10 @@ from typing import Any
 from ..runtime.errors import CheckpointError
 
 # model_type -> transformers class that loads it. Later families add themselves here.
-MODEL_CLASSES = {"llava_next": "LlavaNextForConditionalGeneration"}
+MODEL_CLASSES = {
+    "llava_next": "LlavaNextForConditionalGeneration",
+    "llava_onevision": "LlavaOnevisionForConditionalGeneration",
+}
 
 
 @dataclass
@@ -20,6 +23,7 @@ class Checkpoint:
     path: Path
     config: dict[str, Any]
     image_processor: dict[str, Any]
+    video_processor: dict[str, Any]
     processor: dict[str, Any]
     tokenizer_config: dict[str, Any]
     generation_config: dict[str, Any]
@@ -81,6 +85,7 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
         path=path,
         config=config,
         image_processor=image_processor,
+        video_processor=_read_json(path / "video_preprocessor_config.json") or processor.get("video_processor", {}),
         processor=processor,
         tokenizer_config=tokenizer_config,
         generation_config=_read_json(path / "generation_config.json"),

@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import torch
 
-from ..runtime.bundle import MANIFEST_NAME, sha256_file
+from ..runtime.bundle import MANIFEST_NAME, read_array, sha256_file
 from ..runtime.errors import ExportError
 from . import verify
 from .checkpoint import load_model, read_checkpoint
@@ -23,6 +24,32 @@ from .onnx_export import export_onnx
 
 DTYPES = {"fp32": np.float32, "fp16": np.float16}
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+
+
+def ties_embeddings(model) -> bool:
+    """Whether lm_head shares its weight with the token embedding table."""
+    return model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+
+
+def _tied_table(graph_path: Path, embed: np.ndarray) -> dict[str, Any]:
+    """Where the decoder's external data holds lm_head, so the runtime reads embeddings from that one copy."""
+    vocab, hidden = embed.shape
+    model = onnx.load(graph_path, load_external_data=False)
+    for tensor in model.graph.initializer:
+        dims = list(tensor.dims)
+        if dims not in ([hidden, vocab], [vocab, hidden]) or tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {entry.key: entry.value for entry in tensor.external_data}
+        spec = {
+            "file": info["location"],
+            "offset": int(info.get("offset", 0)),
+            "shape": dims,
+            "dtype": embed.dtype.name,
+            "transposed": dims == [hidden, vocab],
+        }
+        if np.array_equal(read_array(graph_path.parent, spec), embed):
+            return spec
+    raise ExportError("tied embeddings: the lm_head weight was not found in the decoder graph's external data")
 
 
 def _export_graphs(
@@ -101,6 +128,7 @@ def _export_graphs(
         ["inputs_embeds", "attention_mask", "position_ids", *past_names],
         ["logits", *present_names],
         axes,
+        external_data=ties_embeddings(model),
     )
     kv_cache = {"num_layers": num_layers, "num_kv_heads": kv_heads, "head_dim": head_dim}
     record("decoder", verify.verify_decoder(work / "decoder.onnx", model, kv_cache, torch_dtype))
@@ -138,12 +166,16 @@ def export_bundle(
         graphs, diffs = _export_graphs(model, work, dtype, tolerance, log)
         log("[4/4] writing embeddings, tokenizer, chat template and manifest")
         embed = model.get_input_embeddings().weight.detach().float().numpy().astype(DTYPES[dtype])
-        np.save(work / "embed_tokens.npy", embed)
+        arrays = {"image_newline": "image_newline.npy", "embed_tokens": "embed_tokens.npy"}
+        if ties_embeddings(model):
+            arrays["embed_tokens"] = _tied_table(work / "decoder.onnx", embed)
+        else:
+            np.save(work / "embed_tokens.npy", embed)
         np.save(work / "image_newline.npy", model.model.image_newline.detach().float().numpy().astype(DTYPES[dtype]))
         shutil.copyfile(checkpoint.tokenizer_file, work / "tokenizer.json")
         if checkpoint.chat_template is not None:
             (work / "chat_template.jinja").write_text(checkpoint.chat_template)
-        manifest = build_manifest(checkpoint, model, dtype, graphs, diffs, tolerance)
+        manifest = build_manifest(checkpoint, model, dtype, graphs, arrays, diffs, tolerance)
         manifest["files"] = {
             p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in sorted(work.iterdir()) if p.is_file()
         }

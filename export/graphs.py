@@ -70,6 +70,18 @@ def attention_bias(attention_mask: torch.Tensor, query_length: int, sliding_wind
     return torch.where(allowed, zero, torch.finfo(dtype).min)
 
 
+def layer_windows(config) -> list[int | None]:
+    """Each decoder layer's sliding window: Mistral applies `sliding_window` to every layer, Qwen2 only to
+    layers whose `layer_types` entry is "sliding_attention" (and sets the window to None when disabled)."""
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if window is None:
+        return [None] * config.num_hidden_layers
+    if layer_types is None:
+        return [window] * config.num_hidden_layers
+    return [window if kind == "sliding_attention" else None for kind in layer_types]
+
+
 class DecoderWithCache(nn.Module):
     """One step of the language model: embeddings + mask + positions + past KV -> last-token logits + present KV.
 
@@ -81,19 +93,22 @@ class DecoderWithCache(nn.Module):
         super().__init__()
         self.language_model = language_model
         self.lm_head = lm_head
-        self.sliding_window = getattr(language_model.config, "sliding_window", None)
+        self.windows = layer_windows(language_model.config)
 
     def forward(self, inputs_embeds, attention_mask, position_ids, past_key_values: tuple[torch.Tensor, ...]):
         """`past_key_values` is flat: (layer 0 key, layer 0 value, layer 1 key, ...), each `[B, kv_heads, P, D]`."""
         pairs = list(zip(past_key_values[0::2], past_key_values[1::2]))
         cache = _TensorCache(pairs)
-        bias = attention_bias(attention_mask, inputs_embeds.shape[1], self.sliding_window, inputs_embeds.dtype)
+        biases = {
+            window: attention_bias(attention_mask, inputs_embeds.shape[1], window, inputs_embeds.dtype)
+            for window in set(self.windows)
+        }
         hidden = inputs_embeds
         position_embeddings = self.language_model.rotary_emb(hidden, position_ids=position_ids)
-        for layer in self.language_model.layers:
+        for layer, window in zip(self.language_model.layers, self.windows):
             hidden = layer(
                 hidden,
-                attention_mask=bias,
+                attention_mask=biases[window],
                 position_embeddings=position_embeddings,
                 position_ids=position_ids,
                 past_key_values=cache,

@@ -13,40 +13,94 @@ from tokenizers import Tokenizer
 from .. import __version__
 from ..runtime.bundle import FORMAT_VERSION
 from .checkpoint import Checkpoint
+from .graphs import layer_windows
 from .onnx_export import OPSET
 
-# LlavaNextImageProcessor's defaults, for keys a checkpoint's processor config leaves out.
+_CLIP_MEAN_STD = {"image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711]}
+_COMMON_DEFAULTS = {"do_resize": True, "resample": 3, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True}
+# Each family's image processor defaults, for keys a checkpoint's processor config leaves out.
 _IMAGE_PROCESSOR_DEFAULTS = {
-    "do_resize": True,
-    "size": {"shortest_edge": 224},
-    "resample": 3,
-    "do_center_crop": True,
-    "crop_size": {"height": 224, "width": 224},
-    "do_rescale": True,
-    "rescale_factor": 1 / 255,
-    "do_normalize": True,
-    "image_mean": [0.48145466, 0.4578275, 0.40821073],
-    "image_std": [0.26862954, 0.26130258, 0.27577711],
-    "do_convert_rgb": True,
+    "llava_next": {
+        **_COMMON_DEFAULTS,
+        **_CLIP_MEAN_STD,
+        "size": {"shortest_edge": 224},
+        "do_center_crop": True,
+        "crop_size": {"height": 224, "width": 224},
+    },
+    "llava_onevision": {
+        **_COMMON_DEFAULTS,
+        **_CLIP_MEAN_STD,
+        "size": {"height": 384, "width": 384},
+        "do_center_crop": False,
+        "crop_size": None,
+    },
 }
+# LlavaOnevisionVideoProcessor's defaults.
+_VIDEO_PROCESSOR_DEFAULTS = {"llava_onevision": {**_COMMON_DEFAULTS, **_CLIP_MEAN_STD, "size": {"height": 384, "width": 384}}}
 
 
 def _size_dict(value: Any, square: bool) -> dict[str, int]:
     """transformers' `get_size_dict`: an int means a shortest edge (or a square, for crop sizes)."""
+    if value is None:
+        return {}
     if isinstance(value, dict):
         return {k: int(v) for k, v in value.items() if v is not None}
     return {"height": int(value), "width": int(value)} if square else {"shortest_edge": int(value)}
 
 
-def _preprocess_params(checkpoint: Checkpoint) -> dict[str, Any]:
-    given = checkpoint.image_processor
-    params = {**_IMAGE_PROCESSOR_DEFAULTS, **{k: given[k] for k in _IMAGE_PROCESSOR_DEFAULTS if k in given}}
+def _processor_params(given: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """A processor config completed with its class defaults, sizes normalized to dicts."""
+    params = {**defaults, **{k: given[k] for k in defaults if k in given and given[k] is not None}}
     params["size"] = _size_dict(params["size"], square=False)
-    params["crop_size"] = _size_dict(params["crop_size"], square=True)
-    pinpoints = checkpoint.image_processor.get("image_grid_pinpoints") or checkpoint.config["image_grid_pinpoints"]
-    params["image_grid_pinpoints"] = [list(map(int, p)) for p in pinpoints]
+    if "crop_size" in params:
+        params["crop_size"] = _size_dict(params["crop_size"], square=True)
+        params["do_center_crop"] = bool(params["do_center_crop"]) and bool(params["crop_size"])
     params["resample"] = int(params["resample"])
     return params
+
+
+def _preprocess_params(checkpoint: Checkpoint) -> dict[str, Any]:
+    params = _processor_params(checkpoint.image_processor, _IMAGE_PROCESSOR_DEFAULTS[checkpoint.model_type])
+    pinpoints = checkpoint.image_processor.get("image_grid_pinpoints") or checkpoint.config["image_grid_pinpoints"]
+    params["image_grid_pinpoints"] = [list(map(int, p)) for p in pinpoints]
+    return params
+
+
+def _video_params(checkpoint: Checkpoint, model, grid: int) -> dict[str, Any] | None:
+    """Video frames: preprocessing, then features pooled 2x2 bilinearly, frames concatenated, one newline."""
+    if checkpoint.model_type not in _VIDEO_PROCESSOR_DEFAULTS:
+        return None
+    pooled = -(-grid // 2)
+    return {
+        "preprocess": _processor_params(checkpoint.video_processor, _VIDEO_PROCESSOR_DEFAULTS[checkpoint.model_type]),
+        "pooling": {"mode": "bilinear", "size": [pooled, pooled]},
+        "tokens_per_frame": pooled * pooled,
+        "newline": "end",
+    }
+
+
+def _packing_params(model, grid: int) -> dict[str, Any]:
+    """How image features become prompt tokens (anyres tiling, unpadding, newlines, `anyres_max_N` downsampling)."""
+    config = model.config
+    strategy = config.vision_feature_select_strategy
+    packing = {
+        "mode": "anyres",
+        "tile_size": config.vision_config.image_size,
+        "patch_grid": grid,
+        "tokens_per_tile": grid * grid + (1 if strategy == "full" and _has_cls_token(model) else 0),
+        "image_grid_pinpoints": [list(map(int, p)) for p in config.image_grid_pinpoints],
+        "feature_layers": feature_layers(config),
+        "select_strategy": strategy,
+        "image_newline": True,
+        "max_num_patches": None,
+        "multi_image": "anyres",
+    }
+    aspect_ratio = getattr(config, "vision_aspect_ratio", None)
+    if aspect_ratio is not None:
+        packing["mode"] = "anyres_max"
+        packing["max_num_patches"] = int(aspect_ratio.removeprefix("anyres_max_"))
+        packing["multi_image"] = "base_only"  # several images in one prompt: no tiling, one newline each
+    return packing
 
 
 def _special_token(tokenizer_config: dict, key: str) -> str | None:
@@ -68,9 +122,12 @@ def _token_params(checkpoint: Checkpoint, model) -> dict[str, Any]:
     if pad_id is None and strings["pad_token"]:
         pad_id = tokenizer.token_to_id(strings["pad_token"])
     image_token = checkpoint.processor.get("image_token", "<image>")
+    video_token_id = getattr(model.config, "video_token_id", None)
     return {
         "image_token": image_token,
         "image_token_id": int(model.config.image_token_id),
+        "video_token": checkpoint.processor.get("video_token", "<video>") if video_token_id is not None else None,
+        "video_token_id": video_token_id,
         "bos_token_id": checkpoint.generation_config.get("bos_token_id", text_config.bos_token_id),
         "eos_token_ids": [int(i) for i in eos_ids],
         "pad_token_id": int(pad_id if pad_id is not None else eos_ids[0]),
@@ -106,16 +163,21 @@ def describe_io(path: Path) -> dict[str, list[dict[str, Any]]]:
 
 
 def build_manifest(
-    checkpoint: Checkpoint, model, dtype: str, graphs: dict[str, Any], diffs: dict[str, float], tolerance: float
+    checkpoint: Checkpoint,
+    model,
+    dtype: str,
+    graphs: dict[str, Any],
+    arrays: dict[str, Any],
+    diffs: dict[str, float],
+    tolerance: float,
 ) -> dict[str, Any]:
     """The manifest of a bundle, less its `files` table (written last, once every file exists)."""
     config = model.config
     vision_config, text_config = config.vision_config, config.text_config
     grid = vision_config.image_size // vision_config.patch_size
-    strategy = config.vision_feature_select_strategy
     return {
         "format_version": FORMAT_VERSION,
-        "family": "llava_next",
+        "family": config.model_type,
         "model_type": config.model_type,
         "architecture": type(model).__name__,
         "precision": dtype,
@@ -133,7 +195,7 @@ def build_manifest(
             "num_attention_heads": text_config.num_attention_heads,
             "vocab_size": text_config.vocab_size,
             "max_position_embeddings": text_config.max_position_embeddings,
-            "sliding_window": getattr(text_config, "sliding_window", None),
+            "sliding_windows": layer_windows(text_config),
         },
         "vision": {
             "model_type": vision_config.model_type,
@@ -143,19 +205,10 @@ def build_manifest(
         },
         "tokens": _token_params(checkpoint, model),
         "preprocess": _preprocess_params(checkpoint),
-        "packing": {
-            "mode": "anyres",
-            "tile_size": vision_config.image_size,
-            "patch_grid": grid,
-            "tokens_per_tile": grid * grid + (1 if strategy == "full" and _has_cls_token(model) else 0),
-            "image_grid_pinpoints": [list(map(int, p)) for p in config.image_grid_pinpoints],
-            "feature_layers": feature_layers(config),
-            "select_strategy": strategy,
-            "image_newline": True,
-            "pooling": None,
-        },
+        "packing": _packing_params(model, grid),
+        "video": _video_params(checkpoint, model, grid),
         "graphs": graphs,
-        "arrays": {"embed_tokens": "embed_tokens.npy", "image_newline": "image_newline.npy"},
+        "arrays": arrays,
         "tokenizer": "tokenizer.json",
         "chat_template": "chat_template.jinja" if checkpoint.chat_template is not None else None,
         "verification": {"max_abs_diff": diffs, "tolerance": tolerance},

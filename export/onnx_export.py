@@ -50,10 +50,12 @@ def export_onnx(
     input_names: list[str],
     output_names: list[str],
     axes: dict[str, dict[int, str]],
+    external_data: bool = False,
 ) -> None:
     """Export `module(*args)` to `path` (weights in `<path>.data` when large).
 
     `axes` names the dynamic axes of inputs and outputs: `{tensor name: {axis: axis name}}`.
+    `external_data` forces the weights into `<path>.data` whatever their size.
     """
     _quiet_exporter_logs()
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
@@ -75,4 +77,4 @@ def export_onnx(
             raise ExportError(f"ONNX export of {path.name} failed: {summary}") from exc
     _name_axes(program.model, axes)
     weight_bytes = sum(value.const_value.nbytes for value in program.model.graph.initializers.values())
-    program.save(path, external_data=weight_bytes > EXTERNAL_DATA_THRESHOLD)
+    program.save(path, external_data=external_data or weight_bytes > EXTERNAL_DATA_THRESHOLD)

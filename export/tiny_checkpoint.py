@@ -23,7 +23,7 @@ _CORPUS = [
     "Explain the diagram step by step, then answer the question briefly.",
 ]
 
-SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>", "<video>", "<|im_start|>", "<|im_end|>", "<|endoftext|>"]
 
 MISTRAL_CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -73,8 +73,23 @@ class TinySpec:
     extra: dict = field(default_factory=dict)
 
 
-def build_tokenizer(vocab_size: int):
-    """Train a byte-level BPE tokenizer on the built-in corpus; BOS is added by its post-processor."""
+# llava-onevision-qwen2's template (Qwen chat format, images then videos then text, `{% generation %}` blocks).
+QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + ' ' }}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'video') %}{{ '<video>' }}{% endfor %}"
+    "{% if message['role'] != 'assistant' %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ '\\n' + content['text'] }}{% endfor %}"
+    "{% else %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{% generation %}{{ '\\n' + content['text'] }}{% endgeneration %}{% endfor %}"
+    "{% endif %}{{ '<|im_end|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def build_tokenizer(vocab_size: int, add_bos: bool = True):
+    """Train a byte-level BPE tokenizer on the built-in corpus; with `add_bos`, its post-processor adds `<s>`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     tokenizer = Tokenizer(models.BPE())
@@ -87,10 +102,11 @@ def build_tokenizer(vocab_size: int):
         show_progress=False,
     )
     tokenizer.train_from_iterator(_CORPUS, trainer)
-    bos_id = tokenizer.token_to_id("<s>")
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos_id)]
-    )
+    if add_bos:
+        bos_id = tokenizer.token_to_id("<s>")
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos_id)]
+        )
     return tokenizer
 
 
@@ -181,6 +197,106 @@ def build_tiny_checkpoint(out_dir: str | Path, spec: TinySpec = TinySpec()) -> P
         vision_feature_select_strategy=spec.vision_feature_select_strategy,
         chat_template=chat_template,
         num_additional_image_tokens=1,
+    )
+    processor.save_pretrained(out_dir)
+    return out_dir
+
+
+@dataclass(frozen=True)
+class TinyOnevisionSpec:
+    """A tiny LLaVA-OneVision: SigLIP tower (5x5 patch grid, odd like the real 27x27), Qwen2 decoder."""
+
+    tie_word_embeddings: bool = False
+    image_size: int = 40
+    patch_size: int = 8
+    image_grid_pinpoints: tuple[tuple[int, int], ...] = tuple((h, w) for h in (40, 80, 120) for w in (40, 80, 120))
+    vision_aspect_ratio: str = "anyres_max_4"
+    vision_hidden: int = 32
+    vision_layers: int = 2
+    text_hidden: int = 64
+    text_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    max_position_embeddings: int = 4096
+    vocab_size: int = 400
+    seed: int = 0
+
+
+def build_tiny_onevision_checkpoint(out_dir: str | Path, spec: TinyOnevisionSpec = TinyOnevisionSpec()) -> Path:
+    """Write a random-weight `LlavaOnevisionForConditionalGeneration` checkpoint with its processor configs."""
+    import torch
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        LlavaOnevisionProcessor,
+        LlavaOnevisionVideoProcessor,
+        PreTrainedTokenizerFast,
+        Qwen2Config,
+        SiglipVisionConfig,
+    )
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=build_tokenizer(spec.vocab_size, add_bos=False),
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+    )
+    tokenizer.padding_side = "left"
+    eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+    text_config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=spec.text_hidden,
+        intermediate_size=spec.text_hidden * 2,
+        num_hidden_layers=spec.text_layers,
+        num_attention_heads=spec.num_heads,
+        num_key_value_heads=spec.num_kv_heads,
+        max_position_embeddings=spec.max_position_embeddings,
+        tie_word_embeddings=spec.tie_word_embeddings,
+        # Larger than the default 0.02: with tied embeddings and weak layers a random model only repeats the
+        # prompt's last token, whatever the image; stronger layers make the output depend on the input.
+        initializer_range=0.2,
+        eos_token_id=eos_id,
+        pad_token_id=pad_id,
+    )
+    vision_config = SiglipVisionConfig(
+        hidden_size=spec.vision_hidden,
+        intermediate_size=spec.vision_hidden * 2,
+        num_hidden_layers=spec.vision_layers,
+        num_attention_heads=2,
+        image_size=spec.image_size,
+        patch_size=spec.patch_size,
+        vision_use_head=False,
+    )
+    config = LlavaOnevisionConfig(
+        vision_config=vision_config,
+        text_config=text_config,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
+        image_grid_pinpoints=[list(p) for p in spec.image_grid_pinpoints],
+        vision_aspect_ratio=spec.vision_aspect_ratio,
+        tie_word_embeddings=spec.tie_word_embeddings,
+    )
+    torch.manual_seed(spec.seed)
+    model = LlavaOnevisionForConditionalGeneration(config).eval()
+    model.generation_config.eos_token_id = eos_id
+    model.generation_config.pad_token_id = pad_id
+    model.save_pretrained(out_dir)
+
+    mean_std = {"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
+    size = {"height": spec.image_size, "width": spec.image_size}
+    image_processor = LlavaOnevisionImageProcessorPil(
+        size=size, image_grid_pinpoints=[list(p) for p in spec.image_grid_pinpoints], **mean_std
+    )
+    processor = LlavaOnevisionProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        video_processor=LlavaOnevisionVideoProcessor(size=size, **mean_std),
+        num_image_tokens=(spec.image_size // spec.patch_size) ** 2,
+        vision_feature_select_strategy="full",
+        chat_template=QWEN_CHAT_TEMPLATE,
+        vision_aspect_ratio=spec.vision_aspect_ratio,
     )
     processor.save_pretrained(out_dir)
     return out_dir

@@ -40,8 +40,17 @@ class Bundle:
         return self.file(self.manifest["graphs"][graph]["file"])
 
     def array(self, key: str) -> np.ndarray:
-        """A numpy array stored in the bundle (`embed_tokens`, `image_newline`), memory-mapped."""
-        return np.load(self.file(self.manifest["arrays"][key]), mmap_mode="r")
+        """A numpy array of the bundle (`embed_tokens`, `image_newline`), memory-mapped."""
+        return read_array(self.path, self.manifest["arrays"][key])
+
+
+def read_array(directory: Path, spec: str | dict[str, Any]) -> np.ndarray:
+    """Memory-map an array: an `.npy` file name, or a raw region of a file given by
+    `{"file", "offset", "shape", "dtype", "transposed"}` (how tied embeddings point into the decoder's weights)."""
+    if isinstance(spec, str):
+        return np.load(directory / spec, mmap_mode="r")
+    array = np.memmap(directory / spec["file"], dtype=spec["dtype"], mode="r", offset=spec["offset"], shape=tuple(spec["shape"]))
+    return array.T if spec["transposed"] else array
 
 
 def load_bundle(path: str | Path, verify_checksums: bool = True) -> Bundle:

@@ -7,12 +7,13 @@ from datetime import datetime
 from typing import Any
 
 import jinja2
+import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from .errors import InputError
 
 ROLES = ("system", "user", "assistant")
-CONTENT_TYPES = ("text", "image")
+CONTENT_TYPES = ("text", "image", "video")
 
 
 def normalize_messages(messages: Any) -> list[dict[str, Any]]:
@@ -33,21 +34,36 @@ def normalize_messages(messages: Any) -> list[dict[str, Any]]:
         for item in content:
             if not isinstance(item, dict) or item.get("type") not in CONTENT_TYPES:
                 kind = item.get("type") if isinstance(item, dict) else type(item).__name__
-                raise InputError(f"message {index} has unsupported content type {kind!r} (expected text or image)")
+                raise InputError(f"message {index} has unsupported content type {kind!r} (expected text, image or video)")
             if item["type"] == "text" and not isinstance(item.get("text"), str):
                 raise InputError(f"message {index} has a text item without a 'text' string")
         normalized.append({**message, "content": list(content)})
     return normalized
 
 
-def image_items(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The image content items of a conversation, in order."""
-    return [item for message in messages for item in message["content"] if item["type"] == "image"]
+def media_items(messages: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    """The content items of one kind ("image" or "video") of a conversation, in order."""
+    return [item for message in messages for item in message["content"] if item["type"] == kind]
 
 
-def user_turn(prompt: str, num_images: int) -> list[dict[str, Any]]:
-    """One user message: the images first, then the text (what `llava-run --prompt` sends)."""
-    return [{"role": "user", "content": [{"type": "image"}] * num_images + [{"type": "text", "text": prompt}]}]
+def user_turn(prompt: str, num_images: int, num_videos: int = 0) -> list[dict[str, Any]]:
+    """One user message: the images, then the videos, then the text (what `llava-run --prompt` sends)."""
+    media = [{"type": "image"}] * num_images + [{"type": "video"}] * num_videos
+    return [{"role": "user", "content": [*media, {"type": "text", "text": prompt}]}]
+
+
+class _GenerationBlocks(jinja2.ext.Extension):
+    """transformers' `{% generation %}...{% endgeneration %}` tag (marks assistant text); renders its body as is."""
+
+    tags = {"generation"}
+
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.CallBlock(self.call_method("_render"), [], [], body).set_lineno(lineno)
+
+    def _render(self, caller):
+        return caller()
 
 
 def _raise_exception(message: str):
@@ -62,7 +78,9 @@ class ChatTemplate:
     """A Jinja chat template rendered the way transformers renders it (sandboxed, trimmed blocks)."""
 
     def __init__(self, source: str, special_tokens: dict[str, str]):
-        environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+        environment = ImmutableSandboxedEnvironment(
+            trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols", _GenerationBlocks]
+        )
         environment.filters["tojson"] = _tojson
         environment.globals["raise_exception"] = _raise_exception
         environment.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)

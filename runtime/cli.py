@@ -12,11 +12,18 @@ from .errors import LlavaRtError
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="llava-run",
-        description="Render one user turn (the images, then the text) with the bundle's chat template and print the answer.",
+        description="Render one user turn (the images, the videos, then the text) with the bundle's chat template "
+        "and print the answer.",
     )
     parser.add_argument("bundle", help="bundle directory written by llava-export")
     parser.add_argument("--prompt", required=True, help="the user's question")
     parser.add_argument("--image", action="append", default=[], metavar="PATH", help="an image file; repeat for several images")
+    parser.add_argument(
+        "--video", action="append", default=[], metavar="PATH", help="a video file (needs PyAV: llava-rt[video]); repeatable"
+    )
+    parser.add_argument(
+        "--num-frames", type=int, default=8, metavar="N", help="frames sampled uniformly from each video (default: 8)"
+    )
     parser.add_argument("--max-new-tokens", type=int, default=128, metavar="N", help="most tokens to generate (default: 128)")
     parser.add_argument(
         "--threads", type=int, default=None, metavar="N", help="onnxruntime intra-op threads (default: all cores)"
@@ -33,7 +40,13 @@ def main(argv: list[str] | None = None) -> int:
         from .pipeline import Pipeline
 
         pipeline = Pipeline.load(args.bundle, threads=args.threads)
-        result = pipeline.generate(prompt=args.prompt, images=args.image, max_new_tokens=args.max_new_tokens)
+        result = pipeline.generate(
+            prompt=args.prompt,
+            images=args.image,
+            videos=args.video,
+            num_frames=args.num_frames,
+            max_new_tokens=args.max_new_tokens,
+        )
     except LlavaRtError as exc:
         print(f"llava-run: error: {exc}", file=sys.stderr)
         return 2

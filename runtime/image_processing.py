@@ -115,15 +115,18 @@ class AnyResImageProcessor:
         chw = np.moveaxis(tile, -1, 0)
         if self.do_center_crop:
             chw = _center_crop(chw, self.crop_size["height"], self.crop_size["width"])
-        if self.do_rescale:
-            pixels = (chw.astype(np.float64) * self.rescale_factor).astype(np.float32)
-        else:
-            pixels = chw.astype(np.float32)
-        if self.do_normalize:
-            mean = np.array(self.image_mean, dtype=np.float32)[:, None, None]
-            std = np.array(self.image_std, dtype=np.float32)[:, None, None]
-            pixels = (pixels - mean) / std
-        return pixels
+        return rescale_and_normalize(chw, self)
+
+    def preprocess_base_only(self, image: Image.Image | np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
+        """The multi-image path of OneVision: pad to a square with the mean color, one tile, no grid."""
+        rgb = to_rgb_array(image)
+        height, width = rgb.shape[:2]
+        side = max(height, width)
+        square = np.empty((side, side, 3), dtype=np.uint8)
+        square[:] = [int(x * 255) for x in self.image_mean]
+        top, left = (side - height) // 2, (side - width) // 2
+        square[top : top + height, left : left + width] = rgb
+        return self._finish_tile(square)[None], (height, width)
 
     def preprocess(self, image: Image.Image | np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
         """One image -> (tiles `[1 + grid tiles, 3, S, S]` float32, original (height, width))."""
@@ -138,6 +141,22 @@ class AnyResImageProcessor:
         tiles = [padded[y : y + tile, x : x + tile] for y in range(0, best[0], tile) for x in range(0, best[1], tile)]
         base = _resize(rgb, *self.base_size, self.resample)
         return np.stack([self._finish_tile(t) for t in [base, *tiles]]), (height, width)
+
+
+def rescale_and_normalize(chw: np.ndarray, params) -> np.ndarray:
+    """uint8 `[..., 3, H, W]` -> float32, as transformers' numpy `rescale` (float64 product) then `normalize`.
+
+    `params` has `do_rescale`, `rescale_factor`, `do_normalize`, `image_mean` and `image_std`.
+    """
+    if params.do_rescale:
+        pixels = (chw.astype(np.float64) * params.rescale_factor).astype(np.float32)
+    else:
+        pixels = chw.astype(np.float32)
+    if params.do_normalize:
+        mean = np.array(params.image_mean, dtype=np.float32)[:, None, None]
+        std = np.array(params.image_std, dtype=np.float32)[:, None, None]
+        pixels = (pixels - mean) / std
+    return pixels
 
 
 def _center_crop(chw: np.ndarray, crop_height: int, crop_width: int) -> np.ndarray:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -11,12 +12,15 @@ import numpy as np
 
 from .backends import open_session
 from .bundle import Bundle, load_bundle
-from .chat import ChatTemplate, image_items, normalize_messages, user_turn
+from .chat import ChatTemplate, media_items, normalize_messages, user_turn
 from .decoding import greedy_decode
 from .errors import BundleError, InputError
-from .image_processing import AnyResImageProcessor, ImageInput, load_image
-from .packing import anyres_layout, pack_anyres
+from .image_processing import ImageInput
+from .media import Media, MediaProcessor
 from .tokenizer import Tokenizer
+from .video import VideoInput
+
+DEFAULT_NUM_FRAMES = 8
 
 
 @dataclass
@@ -35,10 +39,12 @@ class GenerationResult:
 
 
 @dataclass
-class _Request:
+class PreparedRequest:
+    """A request ready for the model: its rendered prompt, expanded token ids, and its images and videos."""
+
     prompt: str
     input_ids: np.ndarray
-    images: list[tuple[np.ndarray, tuple[int, int]]]
+    media: list[Media]
 
 
 class Pipeline:
@@ -54,9 +60,8 @@ class Pipeline:
         self.chat_template = (
             ChatTemplate(bundle.file(template_file).read_text(), manifest["tokens"]["special_tokens"]) if template_file else None
         )
-        self.image_processor = AnyResImageProcessor.from_manifest(manifest["preprocess"])
         self.embed_tokens = bundle.array("embed_tokens")
-        self.image_newline = np.asarray(bundle.array("image_newline"))
+        self.media = MediaProcessor(manifest, np.asarray(bundle.array("image_newline")))
         self.tokens = manifest["tokens"]
         self.max_length = manifest["text"]["max_position_embeddings"]
 
@@ -75,50 +80,72 @@ class Pipeline:
             raise InputError("this bundle has no chat template; pass a pre-formatted prompt with apply_chat_template=False")
         return self.chat_template.render(normalize_messages(messages), add_generation_prompt)
 
-    def _collect_images(self, messages: list[dict[str, Any]], images: Sequence[ImageInput]) -> list[ImageInput]:
-        """Images embedded in the messages' image items, else taken in order from `images`."""
-        items = image_items(messages)
-        embedded = [item.get("image", item.get("path", item.get("url"))) for item in items]
+    def _collect_media(self, messages: list[dict[str, Any]], kind: str, given: Sequence[Any]) -> list[Any]:
+        """The images (or videos) of a conversation: carried by its items, else taken in order from `given`."""
+        items = media_items(messages, kind)
+        embedded = [item.get(kind, item.get("path", item.get("url"))) for item in items]
         if any(source is not None for source in embedded):
-            if images:
-                raise InputError("give images either inside the messages or as images=, not both")
+            if given:
+                raise InputError(f"give {kind}s either inside the messages or as {kind}s=, not both")
             if any(source is None for source in embedded):
-                raise InputError("some image items carry an image and some do not")
+                raise InputError(f"some {kind} items carry a {kind} and some do not")
             return embedded
-        if len(items) != len(images):
-            raise InputError(f"the messages have {len(items)} image placeholders but {len(images)} images were given")
-        return list(images)
+        if len(items) != len(given):
+            raise InputError(f"the messages have {len(items)} {kind} placeholders but {len(given)} {kind}s were given")
+        return list(given)
 
-    def _prepare(self, text: str, images: Sequence[ImageInput]) -> _Request:
-        """Expand each `<image>` of the rendered prompt to its token count, tokenize, check the context length."""
-        image_token = self.tokens["image_token"]
-        pieces = text.split(image_token)
-        if len(pieces) - 1 != len(images):
-            raise InputError(f"the prompt has {len(pieces) - 1} {image_token} placeholders but {len(images)} images were given")
-        processed = [self.image_processor.preprocess(load_image(image)) for image in images]
-        packing = self.manifest["packing"]
-        counts = [anyres_layout(size, packing).num_tokens for _, size in processed]
-        expanded = pieces[0] + "".join(image_token * n + piece for n, piece in zip(counts, pieces[1:]))
+    def _prepare(self, text: str, images: Sequence[ImageInput], videos: Sequence[VideoInput], num_frames: int) -> PreparedRequest:
+        """Expand each placeholder of the rendered prompt to its token count, tokenize, check the context length."""
+        if videos and not self.tokens.get("video_token"):
+            raise InputError(f"this {self.manifest['family']} model has no video token; it cannot take videos")
+        placeholders = {"image": self.tokens["image_token"], "video": self.tokens.get("video_token")}
+        found = [m.group(0) for m in re.finditer("|".join(re.escape(t) for t in placeholders.values() if t), text)]
+        counts = {kind: found.count(token) for kind, token in placeholders.items() if token}
+        for kind, given in (("image", images), ("video", videos)):
+            if counts.get(kind, 0) != len(given):
+                token = placeholders[kind] or f"<{kind}>"
+                raise InputError(f"the prompt has {counts.get(kind, 0)} {token} placeholders but {len(given)} {kind}s were given")
+        sources = {"image": iter(images), "video": iter(videos)}
+        media = []
+        for token in found:
+            kind = "image" if token == placeholders["image"] else "video"
+            source = next(sources[kind])
+            media.append(self.media.image(source, len(images) > 1) if kind == "image" else self.media.video(source, num_frames))
+        pieces = re.split("|".join(re.escape(t) for t in placeholders.values() if t), text)
+        expanded = pieces[0] + "".join(token * m.num_tokens + piece for token, m, piece in zip(found, media, pieces[1:]))
         input_ids = np.array(self.tokenizer.encode(expanded), dtype=np.int64)
-        if int((input_ids == self.tokens["image_token_id"]).sum()) != sum(counts):
-            raise BundleError(f"the tokenizer does not encode {image_token} as the image token id")
+        for kind in counts:
+            expected = sum(m.num_tokens for m in media if m.kind == kind)
+            if int((input_ids == self.tokens[f"{kind}_token_id"]).sum()) != expected:
+                raise BundleError(f"the tokenizer does not encode {placeholders[kind]} as the {kind} token id")
         if len(input_ids) > self.max_length:
             raise InputError(f"the prompt is {len(input_ids)} tokens, longer than the model's context of {self.max_length}")
-        return _Request(prompt=text, input_ids=input_ids, images=processed)
+        return PreparedRequest(prompt=text, input_ids=input_ids, media=media)
 
-    def _request(self, messages, prompt, images, apply_chat_template) -> _Request:
-        images = list(images or [])
+    def prepare(
+        self,
+        messages: list[dict[str, Any]] | None = None,
+        *,
+        prompt: str | None = None,
+        images: Sequence[ImageInput] = (),
+        videos: Sequence[VideoInput] = (),
+        num_frames: int = DEFAULT_NUM_FRAMES,
+        apply_chat_template: bool = True,
+    ) -> PreparedRequest:
+        """Render, preprocess and tokenize one request without running the model (see `generate`)."""
+        images, videos = list(images or []), list(videos or [])
         if (messages is None) == (prompt is None):
             raise InputError("give exactly one of messages= or prompt=")
         if messages is not None:
             messages = normalize_messages(messages)
-            images = self._collect_images(messages, images)
-            return self._prepare(self.render(messages), images)
+            images = self._collect_media(messages, "image", images)
+            videos = self._collect_media(messages, "video", videos)
+            return self._prepare(self.render(messages), images, videos, num_frames)
         if not isinstance(prompt, str):
             raise InputError("prompt must be a string")
         if apply_chat_template:
-            return self._prepare(self.render(user_turn(prompt, len(images))), images)
-        return self._prepare(prompt, images)
+            return self._prepare(self.render(user_turn(prompt, len(images), len(videos))), images, videos, num_frames)
+        return self._prepare(prompt, images, videos, num_frames)
 
     # ---- model stages -----------------------------------------------------------------------------------
 
@@ -126,25 +153,23 @@ class Pipeline:
         """Token embeddings by row lookup in the memory-mapped table (no full-table copy)."""
         return np.take(self.embed_tokens, ids, axis=0)
 
-    def image_features(self, requests: list[_Request]) -> list[np.ndarray]:
-        """Packed features of every image of every request, in order (one vision and one projector call)."""
-        tiles = [pixels for request in requests for pixels, _ in request.images]
-        if not tiles:
+    def media_features(self, requests: list[PreparedRequest]) -> list[np.ndarray]:
+        """Features of every image and video of every request, in order (one vision and one projector call)."""
+        media = [m for request in requests for m in request.media]
+        if not media:
             return []
         dtype = self.embed_tokens.dtype
-        selected = self.sessions["vision"].run({"pixel_values": np.concatenate(tiles).astype(dtype)})["image_features"]
+        pixels = np.concatenate([m.pixels for m in media]).astype(dtype)
+        selected = self.sessions["vision"].run({"pixel_values": pixels})["image_features"]
         embeds = self.sessions["projector"].run({"image_features": selected})["image_embeds"]
-        packing = self.manifest["packing"]
-        packed, start = [], 0
-        for request in requests:
-            for pixels, size in request.images:
-                layout = anyres_layout(size, packing)
-                packed.append(pack_anyres(embeds[start : start + len(pixels)], layout, packing["patch_grid"], self.image_newline))
-                start += len(pixels)
-        return packed
+        features, start = [], 0
+        for m in media:
+            features.append(self.media.features(m, embeds[start : start + len(m.pixels)]))
+            start += len(m.pixels)
+        return features
 
-    def _inputs_embeds(self, requests: list[_Request], features: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        """Left-padded `[B, S, H]` embeddings with image features scattered over the image tokens, and the mask."""
+    def _inputs_embeds(self, requests: list[PreparedRequest], features: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """Left-padded `[B, S, H]` embeddings with image and video features over their tokens, and the mask."""
         length = max(len(r.input_ids) for r in requests)
         hidden = self.embed_tokens.shape[1]
         embeds = np.zeros((len(requests), length, hidden), dtype=self.embed_tokens.dtype)
@@ -153,20 +178,22 @@ class Pipeline:
         for row, request in enumerate(requests):
             ids = request.input_ids
             row_embeds = self._embed(ids)
-            image_positions = ids == self.tokens["image_token_id"]
-            if request.images:
-                row_embeds[image_positions] = np.concatenate([next(feature_iter) for _ in request.images])
+            row_features = [(m.kind, next(feature_iter)) for m in request.media]
+            for kind in ("image", "video"):
+                rows = [f for k, f in row_features if k == kind]
+                if rows:
+                    row_embeds[ids == self.tokens[f"{kind}_token_id"]] = np.concatenate(rows)
             embeds[row, length - len(ids) :] = row_embeds
             mask[row, length - len(ids) :] = 1
         return embeds, mask
 
     # ---- public generation --------------------------------------------------------------------------
 
-    def _run(self, requests: list[_Request], max_new_tokens: int, preprocess_s: float) -> list[GenerationResult]:
+    def _run(self, requests: list[PreparedRequest], max_new_tokens: int, preprocess_s: float) -> list[GenerationResult]:
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
         started = time.perf_counter()
-        features = self.image_features(requests)
+        features = self.media_features(requests)
         vision_s = time.perf_counter() - started
         embeds, mask = self._inputs_embeds(requests, features)
         output = greedy_decode(
@@ -204,16 +231,27 @@ class Pipeline:
         *,
         prompt: str | None = None,
         images: Sequence[ImageInput] = (),
+        videos: Sequence[VideoInput] = (),
+        num_frames: int = DEFAULT_NUM_FRAMES,
         max_new_tokens: int = 128,
         apply_chat_template: bool = True,
     ) -> GenerationResult:
-        """Answer one request: a conversation (transformers' message format) or a prompt with images.
+        """Answer one request: a conversation (transformers' message format) or a prompt with images and videos.
 
-        A `prompt` is rendered as one user turn (images first) unless `apply_chat_template=False`, in
-        which case it is used verbatim and must hold one `<image>` placeholder per image.
+        A `prompt` is rendered as one user turn (images, then videos, then the text) unless
+        `apply_chat_template=False`, in which case it is used verbatim and must hold one `<image>`
+        placeholder per image and one `<video>` per video. Videos are file paths (decoded with PyAV)
+        or `[T, H, W, 3]` uint8 arrays, of which `num_frames` frames are sampled uniformly.
         """
         started = time.perf_counter()
-        request = self._request(messages, prompt, images, apply_chat_template)
+        request = self.prepare(
+            messages,
+            prompt=prompt,
+            images=images,
+            videos=videos,
+            num_frames=num_frames,
+            apply_chat_template=apply_chat_template,
+        )
         return self._run([request], max_new_tokens, time.perf_counter() - started)[0]
 
     def generate_batch(
@@ -221,14 +259,18 @@ class Pipeline:
         conversations: Sequence[list[dict[str, Any]]],
         *,
         images: Sequence[Sequence[ImageInput]] | None = None,
+        videos: Sequence[Sequence[VideoInput]] | None = None,
+        num_frames: int = DEFAULT_NUM_FRAMES,
         max_new_tokens: int = 128,
     ) -> list[GenerationResult]:
-        """Answer several conversations at once (left-padded into one batch); `images[i]` belongs to conversation i."""
+        """Answer several conversations at once (left-padded into one batch); `images[i]` and `videos[i]`
+        belong to conversation i."""
         if not conversations:
             raise InputError("generate_batch needs at least one conversation")
         images = images if images is not None else [()] * len(conversations)
-        if len(images) != len(conversations):
-            raise InputError(f"{len(conversations)} conversations but {len(images)} image lists")
+        videos = videos if videos is not None else [()] * len(conversations)
+        if not len(images) == len(videos) == len(conversations):
+            raise InputError(f"{len(conversations)} conversations but {len(images)} image and {len(videos)} video lists")
         started = time.perf_counter()
-        requests = [self._request(c, None, i, True) for c, i in zip(conversations, images)]
+        requests = [self.prepare(c, images=i, videos=v, num_frames=num_frames) for c, i, v in zip(conversations, images, videos)]
         return self._run(requests, max_new_tokens, time.perf_counter() - started)

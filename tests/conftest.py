@@ -74,3 +74,68 @@ def random_image(height: int, width: int, seed: int = 0) -> Image.Image:
     """A noise RGB image: every pixel differs, so resizing and cropping mistakes show."""
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+ONEVISION_VARIANTS = {
+    # Qwen2 with tied word embeddings (the table is read from the decoder's weights).
+    "ov-tied": dict(tie_word_embeddings=True, seed=0),
+    "ov": dict(tie_word_embeddings=False, seed=1),
+}
+
+
+@pytest.fixture(scope="session")
+def onevision(tmp_path_factory) -> dict[str, Variant]:
+    """Tiny LLaVA-OneVision checkpoints, their bundles, and transformers' model and processor (Pil images)."""
+    from transformers import AutoProcessor, LlavaOnevisionForConditionalGeneration
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
+
+    from llava_rt.export.exporter import export_bundle
+    from llava_rt.export.tiny_checkpoint import TinyOnevisionSpec, build_tiny_onevision_checkpoint
+
+    root = tmp_path_factory.mktemp("onevision")
+    built = {}
+    for name, options in ONEVISION_VARIANTS.items():
+        checkpoint = build_tiny_onevision_checkpoint(root / f"{name}-checkpoint", TinyOnevisionSpec(**options))
+        bundle = root / f"{name}-bundle"
+        export_bundle(checkpoint, bundle, log=lambda message: None)
+        model = LlavaOnevisionForConditionalGeneration.from_pretrained(checkpoint).eval()
+        processor = AutoProcessor.from_pretrained(checkpoint)  # the video processor exists only with torchvision
+        processor.image_processor = LlavaOnevisionImageProcessorPil.from_pretrained(checkpoint)
+        processor.tokenizer.padding_side = "left"
+        built[name] = Variant(name, checkpoint, bundle, model, processor)
+    return built
+
+
+@pytest.fixture(params=sorted(ONEVISION_VARIANTS))
+def ov_variant(request, onevision) -> Variant:
+    return onevision[request.param]
+
+
+@pytest.fixture(scope="session")
+def ov_pipelines(onevision):
+    return {name: v.pipeline() for name, v in onevision.items()}
+
+
+def smooth_video(frames: int, height: int, width: int, seed: int = 0) -> np.ndarray:
+    """A `[T, H, W, 3]` uint8 clip of moving color gradients (smooth, like real footage)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    phases = rng.uniform(0, 2 * np.pi, size=3)
+    clip = [
+        np.stack([127.5 + 127.5 * np.sin(x / 9 + y / 13 + t / 2 + phase) for phase in phases], axis=-1) for t in range(frames)
+    ]
+    return np.clip(np.rint(clip), 0, 255).astype(np.uint8)
+
+
+def write_video(path, frames: np.ndarray, fps: int = 8):
+    """Encode frames to a short mpeg4 file with PyAV."""
+    import av
+
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("mpeg4", rate=fps)
+        stream.height, stream.width = frames.shape[1:3]
+        stream.pix_fmt = "yuv420p"
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+    return path

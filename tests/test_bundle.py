@@ -101,10 +101,10 @@ def test_interrupted_export_leaves_nothing(variants, tmp_path, monkeypatch):
     """Ctrl-C during the last graph (after two were written) leaves neither the bundle nor its temp dir."""
     real_export = exporter.export_onnx
 
-    def interrupted_export(module, args, path, *rest):
+    def interrupted_export(module, args, path, *rest, **options):
         if path.name == "decoder.onnx":
             raise KeyboardInterrupt
-        return real_export(module, args, path, *rest)
+        return real_export(module, args, path, *rest, **options)
 
     monkeypatch.setattr(exporter, "export_onnx", interrupted_export)
     out = tmp_path / "out" / "bundle"

@@ -66,9 +66,9 @@ def test_prefill_logits_match_transformers(variant, pipelines):
     with torch.no_grad():
         expected = variant.model(**inputs).logits[0, -1].numpy()
 
-    request = pipeline._request(conversation, None, [image], True)
+    request = pipeline.prepare(conversation, images=[image])
     np.testing.assert_array_equal(request.input_ids, inputs["input_ids"][0].numpy())
-    embeds, mask = pipeline._inputs_embeds([request], pipeline.image_features([request]))
+    embeds, mask = pipeline._inputs_embeds([request], pipeline.media_features([request]))
     past = empty_past(pipeline.manifest["graphs"]["decoder"]["kv_cache"], 1, np.float32)
     positions = np.arange(embeds.shape[1], dtype=np.int64)[None]
     outputs = pipeline.sessions["decoder"].run(

@@ -9,7 +9,7 @@ from transformers import LlavaNextProcessor
 from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
 from conftest import random_image
-from llava_rt.runtime.packing import anyres_layout, pack_anyres
+from llava_rt.runtime.packing import image_layout, pack_anyres
 
 SIZES = [
     (1, 1),
@@ -38,7 +38,7 @@ def test_pack_equals_transformers(variant, pipelines, size):
     """Same random tile features through both packers: exact agreement."""
     pipeline = pipelines[variant.name]
     packing = packing_params(pipeline)
-    layout = anyres_layout(size, packing)
+    layout = image_layout(size, packing)
     hidden = variant.model.config.text_config.hidden_size
     features = torch.randn(layout.num_tiles, packing["tokens_per_tile"], hidden, generator=torch.Generator().manual_seed(0))
     newline = variant.model.model.image_newline.detach()
@@ -58,8 +58,8 @@ def test_packed_image_features_through_the_graphs_equal_transformers(variant, pi
     inputs = variant.processor.image_processor(images=images, return_tensors="pt")
     with torch.no_grad():
         expected = variant.model.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"]).pooler_output
-    request = pipeline._request(None, "<image><image><image>", images, False)
-    ours = pipeline.image_features([request])
+    request = pipeline.prepare(prompt="<image><image><image>", images=images, apply_chat_template=False)
+    ours = pipeline.media_features([request])
     assert len(ours) == len(expected) == 3
     for mine, theirs in zip(ours, expected):
         assert mine.shape == tuple(theirs.shape)
@@ -79,7 +79,14 @@ def real_processor(tokenizer) -> tuple[LlavaNextProcessor, dict]:
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
     )
-    packing = {"tile_size": 336, "patch_grid": 24, "tokens_per_tile": 576, "image_grid_pinpoints": pinpoints}
+    packing = {
+        "tile_size": 336,
+        "patch_grid": 24,
+        "tokens_per_tile": 576,
+        "image_grid_pinpoints": pinpoints,
+        "max_num_patches": None,
+        "multi_image": "anyres",
+    }
     return processor, packing
 
 
@@ -90,8 +97,8 @@ def test_image_token_count_equals_processor_expansion(variants, pipelines, size)
     for name, variant in variants.items():
         text = variant.processor(images=image, text="<image>", return_tensors="np")["input_ids"][0]
         expected = int((text == variant.model.config.image_token_id).sum())
-        assert anyres_layout(size, packing_params(pipelines[name])).num_tokens == expected
+        assert image_layout(size, packing_params(pipelines[name])).num_tokens == expected
     processor, packing = real_processor(variants["mistral"].processor.tokenizer)
     ids = processor(images=image, text="<image>", return_tensors="np")["input_ids"][0]
     image_token_id = processor.tokenizer.convert_tokens_to_ids("<image>")
-    assert anyres_layout(size, packing).num_tokens == int((ids == image_token_id).sum())
+    assert image_layout(size, packing).num_tokens == int((ids == image_token_id).sum())

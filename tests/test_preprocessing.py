@@ -99,7 +99,7 @@ def test_tiny_bundle_preprocessing_equals_its_checkpoint_processor(variant, pipe
     for seed, (height, width) in enumerate([(10, 90), (90, 10), (64, 64), (33, 47)]):
         image = make_image(height, width, "RGB", seed)
         expected = variant.processor.image_processor(images=image, return_tensors="np")["pixel_values"][0]
-        pixels, _ = pipelines[variant.name].image_processor.preprocess(image)
+        pixels, _ = pipelines[variant.name].media.image_processor.preprocess(image)
         assert np.abs(pixels - expected).max() <= 1e-5
 
 

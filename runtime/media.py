@@ -1,0 +1,60 @@
+"""Images and videos of a request: their pixels, how many prompt tokens each takes, and their packed features."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .errors import InputError
+from .image_processing import AnyResImageProcessor, ImageInput, load_image
+from .packing import AnyResLayout, image_layout, pack_anyres, pool_video
+from .video import VideoInput, VideoProcessor, load_video
+
+
+@dataclass
+class Media:
+    """One image (tiles, base first, and their layout) or one video (sampled, preprocessed frames)."""
+
+    kind: str  # "image" or "video"
+    pixels: np.ndarray
+    num_tokens: int
+    layout: AnyResLayout | None = None
+
+
+class MediaProcessor:
+    """The bundle's preprocessing and packing rules for images and (when the model has them) videos."""
+
+    def __init__(self, manifest: dict[str, Any], image_newline: np.ndarray):
+        self.packing = manifest["packing"]
+        self.video_params = manifest.get("video")
+        self.image_processor = AnyResImageProcessor.from_manifest(manifest["preprocess"])
+        self.video_processor = VideoProcessor.from_manifest(self.video_params["preprocess"]) if self.video_params else None
+        self.image_newline = image_newline
+
+    def image(self, source: ImageInput, multi_image: bool) -> Media:
+        """Preprocess one image; `multi_image` when its prompt holds other images too."""
+        image = load_image(source)
+        if multi_image and self.packing["multi_image"] == "base_only":
+            pixels, size = self.image_processor.preprocess_base_only(image)
+        else:
+            pixels, size = self.image_processor.preprocess(image)
+        layout = image_layout(size, self.packing, multi_image)
+        return Media("image", pixels, layout.num_tokens, layout)
+
+    def video(self, source: VideoInput, num_frames: int) -> Media:
+        """Sample `num_frames` frames of a video file or `[T, H, W, 3]` array and preprocess them."""
+        if self.video_processor is None:
+            raise InputError("this model has no video token; videos are not supported by this bundle")
+        if not isinstance(num_frames, int) or num_frames < 1:
+            raise InputError(f"num_frames must be a positive integer, got {num_frames!r}")
+        pixels = self.video_processor.preprocess(load_video(source, num_frames))
+        return Media("video", pixels, len(pixels) * self.video_params["tokens_per_frame"] + 1)
+
+    def features(self, media: Media, embeds: np.ndarray) -> np.ndarray:
+        """Projected per-tile (or per-frame) features -> the `[media.num_tokens, D]` rows the prompt receives."""
+        grid = self.packing["patch_grid"]
+        if media.kind == "image":
+            return pack_anyres(embeds, media.layout, grid, self.image_newline)
+        return pool_video(embeds, grid, tuple(self.video_params["pooling"]["size"]), self.image_newline)

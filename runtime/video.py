@@ -1,0 +1,91 @@
+"""Video loading (PyAV, as transformers' `read_video_pyav`), uniform frame sampling and per-frame preprocessing."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+
+from .errors import InputError
+from .image_processing import _resize, rescale_and_normalize
+
+VideoInput = Union[str, Path, np.ndarray]
+
+
+def sample_frame_indices(total_frames: int, num_frames: int) -> np.ndarray:
+    """Uniform indices, equal to transformers' `default_sample_indices_fn` with `num_frames`."""
+    if num_frames < 1 or num_frames > total_frames:
+        raise InputError(f"cannot sample {num_frames} frames from a video of {total_frames} frames")
+    return np.arange(num_frames, dtype=int) * total_frames // num_frames
+
+
+def _check_frames(frames: np.ndarray) -> np.ndarray:
+    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or 0 in frames.shape:
+        raise InputError(f"video arrays must be TxHxWx3 uint8, got shape {frames.shape} and dtype {frames.dtype}")
+    return frames
+
+
+def _decode_pyav(path: Path, num_frames: int) -> np.ndarray:
+    try:
+        import av
+    except ImportError:
+        raise InputError("reading video files needs PyAV; install the extra with `pip install 'llava-rt[video]'`") from None
+    if not path.is_file():
+        raise InputError(f"cannot read video {path}: no such file")
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise InputError(f"cannot read video {path}: it has no video stream")
+            total = container.streams.video[0].frames or sum(1 for _ in container.decode(video=0))
+            indices = sample_frame_indices(total, num_frames)
+            wanted, last = set(indices.tolist()), int(indices[-1])
+            container.seek(0)
+            frames = []
+            for i, frame in enumerate(container.decode(video=0)):
+                if i > last:
+                    break
+                if i in wanted:
+                    frames.append(frame.to_ndarray(format="rgb24"))
+    except (av.FFmpegError, OSError, ValueError) as exc:
+        raise InputError(f"cannot read video {path}: {exc}") from None
+    if not frames:
+        raise InputError(f"cannot read video {path}: no frame could be decoded")
+    return np.stack(frames)
+
+
+def load_video(source: VideoInput, num_frames: int) -> np.ndarray:
+    """`num_frames` uniformly sampled `[T, H, W, 3]` uint8 RGB frames of a video file or a TxHxWx3 uint8 array."""
+    if isinstance(source, (str, Path)):
+        return _decode_pyav(Path(source), num_frames)
+    if isinstance(source, np.ndarray):
+        frames = _check_frames(source)
+        return frames[sample_frame_indices(len(frames), num_frames)]
+    raise InputError(f"unsupported video type {type(source).__name__} (use a path or a TxHxWx3 uint8 array)")
+
+
+@dataclass(frozen=True)
+class VideoProcessor:
+    """Per-frame Pillow resize to a fixed size, rescale and normalize."""
+
+    size: dict[str, int]
+    resample: int
+    rescale_factor: float
+    image_mean: list[float]
+    image_std: list[float]
+    do_resize: bool = True
+    do_rescale: bool = True
+    do_normalize: bool = True
+
+    @classmethod
+    def from_manifest(cls, params: dict[str, Any]) -> "VideoProcessor":
+        fields = cls.__dataclass_fields__
+        return cls(**{k: v for k, v in params.items() if k in fields})
+
+    def preprocess(self, frames: np.ndarray) -> np.ndarray:
+        """`[T, H, W, 3]` uint8 frames -> `[T, 3, height, width]` float32."""
+        frames = _check_frames(frames)
+        if self.do_resize:
+            frames = np.stack([_resize(frame, self.size["height"], self.size["width"], self.resample) for frame in frames])
+        return np.ascontiguousarray(rescale_and_normalize(np.moveaxis(frames, -1, 1), self))
