@@ -38,6 +38,8 @@ def _decode_pyav(path: Path, num_frames: int) -> np.ndarray:
         with av.open(str(path)) as container:
             if not container.streams.video:
                 raise InputError(f"cannot read video {path}: it has no video stream")
+            if container.format.name == "image2" or container.format.name.endswith("_pipe"):
+                raise InputError(f"cannot read video {path}: it is an image ({container.format.name}); pass it as an image")
             total = container.streams.video[0].frames or sum(1 for _ in container.decode(video=0))
             indices = sample_frame_indices(total, num_frames)
             wanted, last = set(indices.tolist()), int(indices[-1])

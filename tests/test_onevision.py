@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import random_image, smooth_video, write_video
+from conftest import assert_one_line_error, random_image, run, smooth_video, write_video
 from llava_rt.runtime import InputError, Pipeline
 from llava_rt.runtime.packing import image_layout
 from llava_rt.runtime.video import load_video
@@ -198,3 +198,42 @@ def test_non_video_file_and_model_without_video_token(ov_pipelines, pipelines, t
         ov_pipelines["ov"].generate(prompt="What happens?", videos=[not_a_video])
     with pytest.raises(InputError, match="no video token"):
         pipelines["mistral"].generate(prompt="What happens?", videos=[CLIP])
+
+
+def test_cli_video_errors(onevision, variants, tmp_path):
+    bundle = str(onevision["ov"].bundle)
+    clip = write_video(tmp_path / "clip.mp4", CLIP)
+    result = run("llava_rt.runtime.cli", bundle, "--prompt", "Hi", "--video", str(clip), "--num-frames", "0")
+    assert_one_line_error(result, "llava-run", "num_frames must be a positive integer")
+    result = run("llava_rt.runtime.cli", bundle, "--prompt", "Hi", "--video", str(clip), "--num-frames", "99")
+    assert_one_line_error(result, "llava-run", "cannot sample 99 frames from a video of 10 frames")
+    not_a_video = tmp_path / "photo.mp4"
+    random_image(20, 20).save(not_a_video, format="PNG")
+    assert_one_line_error(
+        run("llava_rt.runtime.cli", bundle, "--prompt", "Hi", "--video", str(not_a_video)), "llava-run", "cannot read video"
+    )
+    result = run("llava_rt.runtime.cli", str(variants["mistral"].bundle), "--prompt", "Hi", "--video", str(clip))
+    assert_one_line_error(result, "llava-run", "has no video token")
+
+
+def test_cli_video_json(onevision, tmp_path):
+    import json
+
+    clip = write_video(tmp_path / "clip.mp4", CLIP)
+    result = run(
+        "llava_rt.runtime.cli",
+        str(onevision["ov"].bundle),
+        "--prompt",
+        "What happens?",
+        "--video",
+        str(clip),
+        "--num-frames",
+        "4",
+        "--max-new-tokens",
+        "3",
+        "--json",
+    )
+    assert result.returncode == 0, result.stderr
+    payload = json.loads(result.stdout)
+    assert payload["prompt"] == "<|im_start|>user <video>\nWhat happens?<|im_end|><|im_start|>assistant\n"
+    assert payload["input_tokens"] > 4 * 9
