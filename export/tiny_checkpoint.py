@@ -6,7 +6,7 @@ generation config, tokenizer.json, processor configs, chat template), only with 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 # A small English corpus to train the byte-level BPE on, so that prompts tokenize into real merges.
@@ -70,7 +70,6 @@ class TinySpec:
     sliding_window: int | None = None
     vocab_size: int = 400
     seed: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 # llava-onevision-qwen2's template (Qwen chat format, images then videos then text, `{% generation %}` blocks).
@@ -110,34 +109,18 @@ def build_tokenizer(vocab_size: int, add_bos: bool = True):
     return tokenizer
 
 
-def build_tiny_checkpoint(out_dir: str | Path, spec: TinySpec = TinySpec()) -> Path:
-    """Write a random-weight `LlavaNextForConditionalGeneration` checkpoint with its processor to `out_dir`."""
-    import torch
-    from transformers import (
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaNextConfig,
-        LlavaNextForConditionalGeneration,
-        LlavaNextProcessor,
-        MistralConfig,
-        PreTrainedTokenizerFast,
-    )
-    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+def _fast_tokenizer(vocab_size: int, add_bos: bool, **special_tokens):
+    """The trained BPE wrapped as transformers' fast tokenizer, padding on the left for batched generation."""
+    from transformers import PreTrainedTokenizerFast
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=build_tokenizer(spec.vocab_size),
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        pad_token="<pad>",
-    )
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=build_tokenizer(vocab_size, add_bos=add_bos), **special_tokens)
     tokenizer.padding_side = "left"
-    image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+    return tokenizer
 
-    text_kwargs = dict(
+
+def _text_dims(spec, tokenizer) -> dict:
+    """Decoder dimensions shared by every tiny spec."""
+    return dict(
         vocab_size=len(tokenizer),
         hidden_size=spec.text_hidden,
         intermediate_size=spec.text_hidden * 2,
@@ -149,6 +132,38 @@ def build_tiny_checkpoint(out_dir: str | Path, spec: TinySpec = TinySpec()) -> P
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
+
+
+def _save_model(model_class, config, tokenizer, seed: int, out_dir: Path) -> None:
+    """Instantiate with random weights (seeded) and save, with the tokenizer's special ids in the generation config."""
+    import torch
+
+    torch.manual_seed(seed)
+    model = model_class(config).eval()
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out_dir)
+
+
+def build_tiny_checkpoint(out_dir: str | Path, spec: TinySpec = TinySpec()) -> Path:
+    """Write a random-weight `LlavaNextForConditionalGeneration` checkpoint with its processor to `out_dir`."""
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextProcessor,
+        MistralConfig,
+    )
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    tokenizer = _fast_tokenizer(spec.vocab_size, True, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>")
+    image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+    text_kwargs = _text_dims(spec, tokenizer)
     if spec.text_model == "mistral":
         text_config = MistralConfig(sliding_window=spec.sliding_window, **text_kwargs)
         chat_template = MISTRAL_CHAT_TEMPLATE
@@ -176,14 +191,8 @@ def build_tiny_checkpoint(out_dir: str | Path, spec: TinySpec = TinySpec()) -> P
         vision_feature_layer=list(feature_layer) if isinstance(feature_layer, tuple) else feature_layer,
         vision_feature_select_strategy=spec.vision_feature_select_strategy,
         image_seq_length=(spec.image_size // spec.patch_size) ** 2,
-        **spec.extra,
     )
-    torch.manual_seed(spec.seed)
-    model = LlavaNextForConditionalGeneration(config).eval()
-    model.generation_config.bos_token_id = tokenizer.bos_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(out_dir)
+    _save_model(LlavaNextForConditionalGeneration, config, tokenizer, spec.seed, out_dir)
 
     image_processor = LlavaNextImageProcessorPil(
         size={"shortest_edge": spec.image_size},
@@ -224,13 +233,11 @@ class TinyOnevisionSpec:
 
 def build_tiny_onevision_checkpoint(out_dir: str | Path, spec: TinyOnevisionSpec = TinyOnevisionSpec()) -> Path:
     """Write a random-weight `LlavaOnevisionForConditionalGeneration` checkpoint with its processor configs."""
-    import torch
     from transformers import (
         LlavaOnevisionConfig,
         LlavaOnevisionForConditionalGeneration,
         LlavaOnevisionProcessor,
         LlavaOnevisionVideoProcessor,
-        PreTrainedTokenizerFast,
         Qwen2Config,
         SiglipVisionConfig,
     )
@@ -238,27 +245,13 @@ def build_tiny_onevision_checkpoint(out_dir: str | Path, spec: TinyOnevisionSpec
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=build_tokenizer(spec.vocab_size, add_bos=False),
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-    )
-    tokenizer.padding_side = "left"
-    eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+    tokenizer = _fast_tokenizer(spec.vocab_size, False, eos_token="<|im_end|>", pad_token="<|endoftext|>")
     text_config = Qwen2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=spec.text_hidden,
-        intermediate_size=spec.text_hidden * 2,
-        num_hidden_layers=spec.text_layers,
-        num_attention_heads=spec.num_heads,
-        num_key_value_heads=spec.num_kv_heads,
-        max_position_embeddings=spec.max_position_embeddings,
+        **_text_dims(spec, tokenizer),
         tie_word_embeddings=spec.tie_word_embeddings,
         # Larger than the default 0.02: with tied embeddings and weak layers a random model only repeats the
         # prompt's last token, whatever the image; stronger layers make the output depend on the input.
         initializer_range=0.2,
-        eos_token_id=eos_id,
-        pad_token_id=pad_id,
     )
     vision_config = SiglipVisionConfig(
         hidden_size=spec.vision_hidden,
@@ -278,11 +271,7 @@ def build_tiny_onevision_checkpoint(out_dir: str | Path, spec: TinyOnevisionSpec
         vision_aspect_ratio=spec.vision_aspect_ratio,
         tie_word_embeddings=spec.tie_word_embeddings,
     )
-    torch.manual_seed(spec.seed)
-    model = LlavaOnevisionForConditionalGeneration(config).eval()
-    model.generation_config.eos_token_id = eos_id
-    model.generation_config.pad_token_id = pad_id
-    model.save_pretrained(out_dir)
+    _save_model(LlavaOnevisionForConditionalGeneration, config, tokenizer, spec.seed, out_dir)
 
     mean_std = {"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
     size = {"height": spec.image_size, "width": spec.image_size}

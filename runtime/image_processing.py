@@ -71,8 +71,16 @@ def _shortest_edge_size(height: int, width: int, shortest_edge: int) -> tuple[in
     return (new_long, new_short) if width <= height else (new_short, new_long)
 
 
+class FromManifest:
+    """`from_manifest`: build a parameter dataclass from a manifest section, ignoring keys it has no field for."""
+
+    @classmethod
+    def from_manifest(cls, params: dict[str, Any]):
+        return cls(**{k: v for k, v in params.items() if k in cls.__dataclass_fields__})
+
+
 @dataclass(frozen=True)
-class AnyResImageProcessor:
+class AnyResImageProcessor(FromManifest):
     """Anyres tiling: best pinpoint resolution, resize + center pad, tiles, plus a base image resized to a square."""
 
     size: dict[str, int]
@@ -86,11 +94,6 @@ class AnyResImageProcessor:
     do_center_crop: bool = True
     do_rescale: bool = True
     do_normalize: bool = True
-
-    @classmethod
-    def from_manifest(cls, params: dict[str, Any]) -> "AnyResImageProcessor":
-        fields = cls.__dataclass_fields__
-        return cls(**{k: v for k, v in params.items() if k in fields})
 
     @property
     def base_size(self) -> tuple[int, int]:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Union
 
 import numpy as np
 
 from .errors import InputError
-from .image_processing import _resize, rescale_and_normalize
+from .image_processing import FromManifest, _resize, rescale_and_normalize
 
 VideoInput = Union[str, Path, np.ndarray]
 
@@ -68,7 +68,7 @@ def load_video(source: VideoInput, num_frames: int) -> np.ndarray:
 
 
 @dataclass(frozen=True)
-class VideoProcessor:
+class VideoProcessor(FromManifest):
     """Per-frame Pillow resize to a fixed size, rescale and normalize."""
 
     size: dict[str, int]
@@ -79,11 +79,6 @@ class VideoProcessor:
     do_resize: bool = True
     do_rescale: bool = True
     do_normalize: bool = True
-
-    @classmethod
-    def from_manifest(cls, params: dict[str, Any]) -> "VideoProcessor":
-        fields = cls.__dataclass_fields__
-        return cls(**{k: v for k, v in params.items() if k in fields})
 
     def preprocess(self, frames: np.ndarray) -> np.ndarray:
         """`[T, H, W, 3]` uint8 frames -> `[T, 3, height, width]` float32."""

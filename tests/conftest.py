@@ -43,23 +43,33 @@ class Variant:
         return Pipeline.load(self.bundle)
 
 
+def _build_variants(root: Path, specs: dict, build, model_class, load_processor) -> dict[str, Variant]:
+    """Build, export and load each spec's checkpoint once per session."""
+    from llava_rt.export.exporter import export_bundle
+
+    built = {}
+    for name, spec in specs.items():
+        checkpoint = build(root / f"{name}-checkpoint", spec)
+        bundle = root / f"{name}-bundle"
+        export_bundle(checkpoint, bundle, log=lambda message: None)
+        model = model_class.from_pretrained(checkpoint).eval()
+        processor = load_processor(checkpoint)
+        processor.tokenizer.padding_side = "left"
+        built[name] = Variant(name, checkpoint, bundle, model, processor)
+    return built
+
+
 @pytest.fixture(scope="session")
 def variants(tmp_path_factory) -> dict[str, Variant]:
     from transformers import AutoProcessor, LlavaNextForConditionalGeneration
 
-    from llava_rt.export.exporter import export_bundle
-
-    root = tmp_path_factory.mktemp("variants")
-    built = {}
-    for name, spec in VARIANTS.items():
-        checkpoint = build_tiny_checkpoint(root / f"{name}-checkpoint", spec)
-        bundle = root / f"{name}-bundle"
-        export_bundle(checkpoint, bundle, log=lambda message: None)
-        model = LlavaNextForConditionalGeneration.from_pretrained(checkpoint).eval()
-        processor = AutoProcessor.from_pretrained(checkpoint, backend="pil")
-        processor.tokenizer.padding_side = "left"
-        built[name] = Variant(name, checkpoint, bundle, model, processor)
-    return built
+    return _build_variants(
+        tmp_path_factory.mktemp("variants"),
+        VARIANTS,
+        build_tiny_checkpoint,
+        LlavaNextForConditionalGeneration,
+        lambda checkpoint: AutoProcessor.from_pretrained(checkpoint, backend="pil"),
+    )
 
 
 @pytest.fixture(params=sorted(VARIANTS))
@@ -91,21 +101,21 @@ def onevision(tmp_path_factory) -> dict[str, Variant]:
     from transformers import AutoProcessor, LlavaOnevisionForConditionalGeneration
     from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
 
-    from llava_rt.export.exporter import export_bundle
     from llava_rt.export.tiny_checkpoint import TinyOnevisionSpec, build_tiny_onevision_checkpoint
 
-    root = tmp_path_factory.mktemp("onevision")
-    built = {}
-    for name, options in ONEVISION_VARIANTS.items():
-        checkpoint = build_tiny_onevision_checkpoint(root / f"{name}-checkpoint", TinyOnevisionSpec(**options))
-        bundle = root / f"{name}-bundle"
-        export_bundle(checkpoint, bundle, log=lambda message: None)
-        model = LlavaOnevisionForConditionalGeneration.from_pretrained(checkpoint).eval()
-        processor = AutoProcessor.from_pretrained(checkpoint)  # the video processor exists only with torchvision
+    def load_processor(checkpoint):
+        processor = AutoProcessor.from_pretrained(checkpoint)  # its video processor needs torchvision
         processor.image_processor = LlavaOnevisionImageProcessorPil.from_pretrained(checkpoint)
-        processor.tokenizer.padding_side = "left"
-        built[name] = Variant(name, checkpoint, bundle, model, processor)
-    return built
+        return processor
+
+    specs = {name: TinyOnevisionSpec(**options) for name, options in ONEVISION_VARIANTS.items()}
+    return _build_variants(
+        tmp_path_factory.mktemp("onevision"),
+        specs,
+        build_tiny_onevision_checkpoint,
+        LlavaOnevisionForConditionalGeneration,
+        load_processor,
+    )
 
 
 @pytest.fixture(params=sorted(ONEVISION_VARIANTS))

@@ -72,13 +72,14 @@ def test_greedy_ids_equal_transformers(ov_variant, ov_pipelines, case):
         results = pipeline.generate_batch(conversations, images=images, max_new_tokens=MAX_NEW_TOKENS)
     assert [r.prompt for r in results] == texts
     assert [r.token_ids for r in results] == expected
-    assert len({tuple(ids) for ids in expected[0:1]} | {tuple(expected[0][:1] * len(expected[0]))}) == 2, "degenerate output"
+    assert len(set(expected[0])) > 1, "degenerate output: the random model repeats one token whatever the input"
 
 
 def test_large_image_is_downsampled(ov_pipelines):
     request = ov_pipelines["ov"].prepare(user("x", images=1), images=[random_image(300, 400)])
     layout = request.media[0].layout
-    assert layout.resized is not None and layout.resized < layout.packed_grid or layout.resized == layout.packed_grid
+    unpadded = (layout.rows.stop - layout.rows.start, layout.cols.stop - layout.cols.start)
+    assert unpadded == (11, 15)  # 3x3 tiles of 5x5 patches, unpadded; 165 > 1.1^2 * 4 * 25 patches
     assert layout.resized == (8, 11)
 
 
