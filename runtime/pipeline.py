@@ -63,6 +63,10 @@ class Pipeline:
         self.embed_tokens = bundle.array("embed_tokens")
         self.media = MediaProcessor(manifest, np.asarray(bundle.array("image_newline")))
         self.tokens = manifest["tokens"]
+        self._placeholder_kinds = {
+            self.tokens[f"{kind}_token"]: kind for kind in ("image", "video") if self.tokens.get(f"{kind}_token")
+        }
+        self._placeholders = re.compile("|".join(re.escape(token) for token in self._placeholder_kinds))
         self.max_length = manifest["text"]["max_position_embeddings"]
 
     @classmethod
@@ -98,26 +102,27 @@ class Pipeline:
         """Expand each placeholder of the rendered prompt to its token count, tokenize, check the context length."""
         if videos and not self.tokens.get("video_token"):
             raise InputError(f"this {self.manifest['family']} model has no video token; it cannot take videos")
-        placeholders = {"image": self.tokens["image_token"], "video": self.tokens.get("video_token")}
-        found = [m.group(0) for m in re.finditer("|".join(re.escape(t) for t in placeholders.values() if t), text)]
-        counts = {kind: found.count(token) for kind, token in placeholders.items() if token}
+        kinds = [self._placeholder_kinds[token] for token in self._placeholders.findall(text)]
         for kind, given in (("image", images), ("video", videos)):
-            if counts.get(kind, 0) != len(given):
-                token = placeholders[kind] or f"<{kind}>"
-                raise InputError(f"the prompt has {counts.get(kind, 0)} {token} placeholders but {len(given)} {kind}s were given")
+            if kinds.count(kind) != len(given):
+                token = self.tokens[f"{kind}_token"]
+                raise InputError(f"the prompt has {kinds.count(kind)} {token} placeholders but {len(given)} {kind}s were given")
         sources = {"image": iter(images), "video": iter(videos)}
-        media = []
-        for token in found:
-            kind = "image" if token == placeholders["image"] else "video"
-            source = next(sources[kind])
-            media.append(self.media.image(source, len(images) > 1) if kind == "image" else self.media.video(source, num_frames))
-        pieces = re.split("|".join(re.escape(t) for t in placeholders.values() if t), text)
-        expanded = pieces[0] + "".join(token * m.num_tokens + piece for token, m, piece in zip(found, media, pieces[1:]))
+        media = [
+            self.media.image(next(sources[kind]), len(images) > 1)
+            if kind == "image"
+            else self.media.video(next(sources[kind]), num_frames)
+            for kind in kinds
+        ]
+        pieces = self._placeholders.split(text)
+        expanded = pieces[0] + "".join(
+            self.tokens[f"{m.kind}_token"] * m.num_tokens + piece for m, piece in zip(media, pieces[1:])
+        )
         input_ids = np.array(self.tokenizer.encode(expanded), dtype=np.int64)
-        for kind in counts:
+        for kind in set(self._placeholder_kinds.values()):
             expected = sum(m.num_tokens for m in media if m.kind == kind)
             if int((input_ids == self.tokens[f"{kind}_token_id"]).sum()) != expected:
-                raise BundleError(f"the tokenizer does not encode {placeholders[kind]} as the {kind} token id")
+                raise BundleError(f"the tokenizer does not encode {self.tokens[f'{kind}_token']} as the {kind} token id")
         if len(input_ids) > self.max_length:
             raise InputError(f"the prompt is {len(input_ids)} tokens, longer than the model's context of {self.max_length}")
         return PreparedRequest(prompt=text, input_ids=input_ids, media=media)
