@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import sys
 
+import av
 import numpy as np
 import pytest
 import torch
@@ -14,8 +15,6 @@ from transformers.video_utils import default_sample_indices_fn, read_video_pyav
 
 from llava_rt.runtime.errors import InputError
 from llava_rt.runtime.video import VideoProcessor, load_video, sample_frame_indices
-
-av = pytest.importorskip("av")
 
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
