@@ -161,7 +161,8 @@ def test_token_counts_equal_processor_expansion(onevision, ov_pipelines, size):
 
 def test_video_pixels_close_to_transformers_video_processor(onevision, ov_pipelines):
     """Ours resize frames with Pillow (bicubic, two 8-bit passes); LlavaOnevisionVideoProcessor with torchvision
-    (antialiased bicubic on tensors). On smooth footage they differ by at most one uint8 level."""
+    (its uint8 antialiased kernel, a port of Pillow-SIMD with int16 weights). On smooth downscaled footage they differ
+    by at most one uint8 level; upscaling can reach two (see README)."""
     processor = onevision["ov"].processor.video_processor
     expected = processor(videos=[CLIP], return_tensors="np")["pixel_values_videos"][0]
     ours = ov_pipelines["ov"].media.video_processor.preprocess(CLIP)
