@@ -13,6 +13,7 @@ from ..runtime.errors import CheckpointError
 MODEL_CLASSES = {
     "llava_next": "LlavaNextForConditionalGeneration",
     "llava_onevision": "LlavaOnevisionForConditionalGeneration",
+    "llava_next_video": "LlavaNextVideoForConditionalGeneration",
 }
 
 

@@ -18,7 +18,7 @@ from ..runtime.bundle import MANIFEST_NAME, read_array, sha256_file
 from ..runtime.errors import ExportError
 from . import verify
 from .checkpoint import load_model, read_checkpoint
-from .graphs import DecoderWithCache, Projector, VisionFeatures
+from .graphs import DecoderWithCache, Projector, VideoPooler, VisionFeatures
 from .manifest import build_manifest, describe_io, feature_layers
 from .onnx_export import export_onnx
 
@@ -97,7 +97,20 @@ def _export_graphs(
         ["image_embeds"],
         {"image_features": {0: "tiles", 1: "tokens"}, "image_embeds": {0: "tiles", 1: "tokens"}},
     )
-    record("projector", verify.verify_projector(work / "projector.onnx", projector, features))
+    record("projector", verify.verify_graph(work / "projector.onnx", projector, features, "image_features"))
+
+    resampler = getattr(model.model, "vision_resampler", None)
+    if resampler is not None:
+        pooler = VideoPooler(resampler)
+        export_onnx(
+            pooler,
+            (features,),
+            work / "video_pool.onnx",
+            ["image_features"],
+            ["pooled_features"],
+            {"image_features": {0: "frames"}, "pooled_features": {0: "frames"}},
+        )
+        record("video_pool", verify.verify_graph(work / "video_pool.onnx", pooler, features, "image_features"))
 
     log("[3/4] exporting the decoder graph (KV cache)")
     decoder = DecoderWithCache(model.model.language_model, model.lm_head)

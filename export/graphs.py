@@ -38,6 +38,17 @@ class Projector(nn.Module):
         return self.projector(image_features)
 
 
+class VideoPooler(nn.Module):
+    """LLaVA-NeXT-Video's spatial pooling of frame features `[T, g*g, C]` -> `[T, (g/s)^2, C']` (average, max or conv)."""
+
+    def __init__(self, resampler: nn.Module):
+        super().__init__()
+        self.resampler = resampler
+
+    def forward(self, image_features: torch.Tensor) -> torch.Tensor:
+        return self.resampler(image_features)
+
+
 class _TensorCache:
     """The slice of transformers' `Cache` interface its attention layers use, backed by plain tensors."""
 

@@ -35,8 +35,24 @@ _IMAGE_PROCESSOR_DEFAULTS = {
         "crop_size": None,
     },
 }
-# LlavaOnevisionVideoProcessor's defaults.
-_VIDEO_PROCESSOR_DEFAULTS = {"llava_onevision": {**_COMMON_DEFAULTS, **_CLIP_MEAN_STD, "size": {"height": 384, "width": 384}}}
+_IMAGE_PROCESSOR_DEFAULTS["llava_next_video"] = _IMAGE_PROCESSOR_DEFAULTS["llava_next"]
+# The families' video processor defaults (LlavaOnevisionVideoProcessor, LlavaNextVideoVideoProcessor).
+_VIDEO_PROCESSOR_DEFAULTS = {
+    "llava_onevision": {
+        **_COMMON_DEFAULTS,
+        **_CLIP_MEAN_STD,
+        "size": {"height": 384, "width": 384},
+        "do_center_crop": False,
+        "crop_size": None,
+    },
+    "llava_next_video": {
+        **_COMMON_DEFAULTS,
+        **_CLIP_MEAN_STD,
+        "size": {"shortest_edge": 224},
+        "do_center_crop": True,
+        "crop_size": {"height": 224, "width": 224},
+    },
+}
 
 
 def _size_dict(value: Any, square: bool) -> dict[str, int]:
@@ -67,12 +83,22 @@ def _preprocess_params(checkpoint: Checkpoint) -> dict[str, Any]:
 
 
 def _video_params(checkpoint: Checkpoint, model, grid: int) -> dict[str, Any] | None:
-    """Video frames: preprocessing, then features pooled 2x2 bilinearly, frames concatenated, one newline."""
+    """Video frames: preprocessing, pooling, and the tokens each frame becomes.
+
+    OneVision pools projected features 2x2 bilinearly (in the runtime) and closes the video with one
+    newline; NeXT-Video pools vision features with its `video_pool` graph before the projector, no newline.
+    """
     if checkpoint.model_type not in _VIDEO_PROCESSOR_DEFAULTS:
         return None
+    preprocess = _processor_params(checkpoint.video_processor, _VIDEO_PROCESSOR_DEFAULTS[checkpoint.model_type])
+    if checkpoint.model_type == "llava_next_video":
+        stride = model.config.spatial_pool_stride
+        pooled = grid // stride
+        pooling = {"mode": "graph", "graph": "video_pool", "method": model.config.spatial_pool_mode, "stride": stride}
+        return {"preprocess": preprocess, "pooling": pooling, "tokens_per_frame": pooled * pooled, "newline": None}
     pooled = -(-grid // 2)
     return {
-        "preprocess": _processor_params(checkpoint.video_processor, _VIDEO_PROCESSOR_DEFAULTS[checkpoint.model_type]),
+        "preprocess": preprocess,
         "pooling": {"mode": "bilinear", "size": [pooled, pooled]},
         "tokens_per_frame": pooled * pooled,
         "newline": "end",

@@ -289,3 +289,90 @@ def build_tiny_onevision_checkpoint(out_dir: str | Path, spec: TinyOnevisionSpec
     )
     processor.save_pretrained(out_dir)
     return out_dir
+
+
+# llava-hf/LLaVA-NeXT-Video-7B-hf's template (vicuna style; images, then videos, then text).
+NEXT_VIDEO_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': ' }}{% endif %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\\n' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'video') %}{{ '<video>\\n' }}{% endfor %}"
+    "{% if message['role'] != 'assistant' %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' ' }}{% endfor %}"
+    "{% else %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{% generation %}{{ content['text'] + ' ' }}{% endgeneration %}{% endfor %}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+
+@dataclass(frozen=True)
+class TinyNextVideoSpec:
+    """A tiny LLaVA-NeXT-Video: CLIP tower, spatial pooling of video frames (average, max or conv), Llama decoder."""
+
+    spatial_pool_mode: str = "average"
+    spatial_pool_stride: int = 2
+    image_size: int = 32
+    patch_size: int = 8
+    image_grid_pinpoints: tuple[tuple[int, int], ...] = ((32, 64), (64, 32), (64, 64), (96, 32), (32, 96))
+    vision_hidden: int = 32
+    vision_layers: int = 3
+    text_hidden: int = 64
+    text_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    max_position_embeddings: int = 2048
+    vocab_size: int = 400
+    seed: int = 0
+
+
+def build_tiny_next_video_checkpoint(out_dir: str | Path, spec: TinyNextVideoSpec = TinyNextVideoSpec()) -> Path:
+    """Write a random-weight `LlavaNextVideoForConditionalGeneration` checkpoint with its processor configs."""
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaNextVideoConfig,
+        LlavaNextVideoForConditionalGeneration,
+        LlavaNextVideoProcessor,
+        LlavaNextVideoVideoProcessor,
+    )
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = _fast_tokenizer(spec.vocab_size, True, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>")
+    vision_config = CLIPVisionConfig(
+        hidden_size=spec.vision_hidden,
+        intermediate_size=spec.vision_hidden * 2,
+        num_hidden_layers=spec.vision_layers,
+        num_attention_heads=2,
+        image_size=spec.image_size,
+        patch_size=spec.patch_size,
+        projection_dim=spec.vision_hidden,
+    )
+    pinpoints = [list(p) for p in spec.image_grid_pinpoints]
+    config = LlavaNextVideoConfig(
+        vision_config=vision_config,
+        text_config=LlamaConfig(**_text_dims(spec, tokenizer)),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
+        image_grid_pinpoints=pinpoints,
+        spatial_pool_mode=spec.spatial_pool_mode,
+        spatial_pool_stride=spec.spatial_pool_stride,
+        image_seq_length=(spec.image_size // spec.patch_size) ** 2,
+    )
+    _save_model(LlavaNextVideoForConditionalGeneration, config, tokenizer, spec.seed, out_dir)
+    square = {"height": spec.image_size, "width": spec.image_size}
+    processor = LlavaNextVideoProcessor(
+        video_processor=LlavaNextVideoVideoProcessor(size={"shortest_edge": spec.image_size}, crop_size=square),
+        image_processor=LlavaNextImageProcessorPil(
+            size={"shortest_edge": spec.image_size}, crop_size=square, image_grid_pinpoints=pinpoints
+        ),
+        tokenizer=tokenizer,
+        chat_template=NEXT_VIDEO_CHAT_TEMPLATE,
+        patch_size=spec.patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    )
+    processor.save_pretrained(out_dir)
+    return out_dir

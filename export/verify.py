@@ -30,10 +30,11 @@ def verify_vision(path: Path, module, pixel_values: torch.Tensor) -> tuple[float
     return _max_diff(actual, expected), expected
 
 
-def verify_projector(path: Path, module, image_features: torch.Tensor) -> float:
+def verify_graph(path: Path, module, sample: torch.Tensor, input_name: str) -> float:
+    """Max abs diff of a one-input graph against its module."""
     with torch.no_grad():
-        expected = module(image_features)
-    (actual,) = _session(path).run(None, {"image_features": image_features.numpy()})
+        expected = module(sample)
+    (actual,) = _session(path).run(None, {input_name: sample.numpy()})
     return _max_diff(actual, expected)
 
 

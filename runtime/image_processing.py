@@ -64,7 +64,7 @@ def _patch_output_size(height: int, width: int, target: tuple[int, int]) -> tupl
     return target_height, min(math.ceil(width * scale_h), target_width)
 
 
-def _shortest_edge_size(height: int, width: int, shortest_edge: int) -> tuple[int, int]:
+def shortest_edge_size(height: int, width: int, shortest_edge: int) -> tuple[int, int]:
     """transformers' `get_resize_output_image_size` with `default_to_square=False`."""
     short, long = (width, height) if width <= height else (height, width)
     new_short, new_long = shortest_edge, int(shortest_edge * long / short)
@@ -111,7 +111,7 @@ class AnyResImageProcessor(FromManifest):
         """Per-tile resize, center crop, rescale and normalize; HxWx3 uint8 -> 3xHxW float32."""
         if self.do_resize:
             if "shortest_edge" in self.size:
-                height, width = _shortest_edge_size(tile.shape[0], tile.shape[1], self.size["shortest_edge"])
+                height, width = shortest_edge_size(tile.shape[0], tile.shape[1], self.size["shortest_edge"])
             else:
                 height, width = self.size["height"], self.size["width"]
             tile = _resize(tile, height, width, self.resample)

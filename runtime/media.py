@@ -33,6 +33,11 @@ class MediaProcessor:
         self.video_processor = VideoProcessor.from_manifest(self.video_params["preprocess"]) if self.video_params else None
         self.image_newline = image_newline
 
+    @property
+    def pools_before_projector(self) -> bool:
+        """NeXT-Video pools frame features with the bundle's `video_pool` graph before the projector."""
+        return bool(self.video_params) and self.video_params["pooling"]["mode"] == "graph"
+
     def image(self, source: ImageInput, multi_image: bool) -> Media:
         """Preprocess one image; `multi_image` when its prompt holds other images too."""
         image = load_image(source)
@@ -50,11 +55,14 @@ class MediaProcessor:
         if not isinstance(num_frames, int) or num_frames < 1:
             raise InputError(f"num_frames must be a positive integer, got {num_frames!r}")
         pixels = self.video_processor.preprocess(load_video(source, num_frames))
-        return Media("video", pixels, len(pixels) * self.video_params["tokens_per_frame"] + 1)
+        newline = 1 if self.video_params["newline"] == "end" else 0
+        return Media("video", pixels, len(pixels) * self.video_params["tokens_per_frame"] + newline)
 
     def features(self, media: Media, embeds: np.ndarray) -> np.ndarray:
         """Projected per-tile (or per-frame) features -> the `[media.num_tokens, D]` rows the prompt receives."""
         grid = self.packing["patch_grid"]
         if media.kind == "image":
             return pack_anyres(embeds, media.layout, grid, self.image_newline)
+        if self.pools_before_projector:
+            return embeds.reshape(-1, embeds.shape[-1])  # frames concatenated, no newline
         return pool_video(embeds, grid, tuple(self.video_params["pooling"]["size"]), self.image_newline)

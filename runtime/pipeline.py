@@ -159,19 +159,29 @@ class Pipeline:
         return np.take(self.embed_tokens, ids, axis=0)
 
     def media_features(self, requests: list[PreparedRequest]) -> list[np.ndarray]:
-        """Features of every image and video of every request, in order (one vision and one projector call)."""
+        """Features of every image and video of every request, in order.
+
+        One vision call covers every tile and frame; NeXT-Video frames then go through the `video_pool`
+        graph; the projector runs once per distinct token count (tiles, pooled frames).
+        """
         media = [m for request in requests for m in request.media]
         if not media:
             return []
-        dtype = self.embed_tokens.dtype
-        pixels = np.concatenate([m.pixels for m in media]).astype(dtype)
+        pixels = np.concatenate([m.pixels for m in media]).astype(self.embed_tokens.dtype)
         selected = self.sessions["vision"].run({"pixel_values": pixels})["image_features"]
-        embeds = self.sessions["projector"].run({"image_features": selected})["image_embeds"]
-        features, start = [], 0
-        for m in media:
-            features.append(self.media.features(m, embeds[start : start + len(m.pixels)]))
-            start += len(m.pixels)
-        return features
+        bounds = np.cumsum([0] + [len(m.pixels) for m in media])
+        parts = [selected[start:stop] for start, stop in zip(bounds[:-1], bounds[1:])]
+        for index, item in enumerate(media):
+            if item.kind == "video" and self.media.pools_before_projector:
+                parts[index] = self.sessions["video_pool"].run({"image_features": parts[index]})["pooled_features"]
+        projected: list[np.ndarray | None] = [None] * len(parts)
+        for tokens in {part.shape[1] for part in parts}:
+            group = [i for i, part in enumerate(parts) if part.shape[1] == tokens]
+            embeds = self.sessions["projector"].run({"image_features": np.concatenate([parts[i] for i in group])})["image_embeds"]
+            starts = np.cumsum([0] + [len(parts[i]) for i in group])
+            for i, start, stop in zip(group, starts[:-1], starts[1:]):
+                projected[i] = embeds[start:stop]
+        return [self.media.features(item, embeds) for item, embeds in zip(media, projected)]
 
     def _inputs_embeds(self, requests: list[PreparedRequest], features: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """Left-padded `[B, S, H]` embeddings with image and video features over their tokens, and the mask."""

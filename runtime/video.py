@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Union
 
 import numpy as np
 
 from .errors import InputError
-from .image_processing import FromManifest, _resize, rescale_and_normalize
+from .image_processing import FromManifest, rescale_and_normalize, shortest_edge_size
+from .resize import center_crop_offsets, resize_uint8_antialias
 
 VideoInput = Union[str, Path, np.ndarray]
 
@@ -69,7 +70,8 @@ def load_video(source: VideoInput, num_frames: int) -> np.ndarray:
 
 @dataclass(frozen=True)
 class VideoProcessor(FromManifest):
-    """Per-frame Pillow resize to a fixed size, rescale and normalize."""
+    """Frames resized (fixed size or shortest edge), center cropped, rescaled and normalized exactly as
+    transformers' video processors do through torchvision (uint8 antialiased kernel, torchvision's crop)."""
 
     size: dict[str, int]
     resample: int
@@ -77,6 +79,8 @@ class VideoProcessor(FromManifest):
     image_mean: list[float]
     image_std: list[float]
     do_resize: bool = True
+    do_center_crop: bool = False
+    crop_size: dict[str, int] = field(default_factory=dict)
     do_rescale: bool = True
     do_normalize: bool = True
 
@@ -84,5 +88,13 @@ class VideoProcessor(FromManifest):
         """`[T, H, W, 3]` uint8 frames -> `[T, 3, height, width]` float32."""
         frames = _check_frames(frames)
         if self.do_resize:
-            frames = np.stack([_resize(frame, self.size["height"], self.size["width"], self.resample) for frame in frames])
+            if "shortest_edge" in self.size:
+                height, width = shortest_edge_size(frames.shape[1], frames.shape[2], self.size["shortest_edge"])
+            else:
+                height, width = self.size["height"], self.size["width"]
+            frames = resize_uint8_antialias(frames, height, width, self.resample)
+        if self.do_center_crop:
+            crop_height, crop_width = self.crop_size["height"], self.crop_size["width"]
+            top, left = center_crop_offsets(frames.shape[1], frames.shape[2], crop_height, crop_width)
+            frames = frames[:, top : top + crop_height, left : left + crop_width]
         return np.ascontiguousarray(rescale_and_normalize(np.moveaxis(frames, -1, 1), self))

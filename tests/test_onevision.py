@@ -20,8 +20,7 @@ def user(text: str, images: int = 0, videos: int = 0) -> list[dict]:
 
 
 def reference(variant, conversations, images, videos):
-    """transformers' inputs and greedy ids. Images are nested per prompt (its `batch_num_images` rule); the
-    video pixel values are ours, since the processors' resize paths differ (see test_video_pixels_*)."""
+    """transformers' inputs and greedy ids (images nested per prompt: its `batch_num_images` rule)."""
     processor, model = variant.processor, variant.model
     texts = [processor.apply_chat_template(c, add_generation_prompt=True) for c in conversations]
     kwargs = {}
@@ -31,9 +30,6 @@ def reference(variant, conversations, images, videos):
     if frames:
         kwargs["videos"] = frames
     inputs = processor(text=texts, return_tensors="pt", padding=True, **kwargs)
-    if frames:
-        ours = variant.pipeline().media.video_processor
-        inputs["pixel_values_videos"] = torch.from_numpy(np.stack([ours.preprocess(f) for f in frames]))
     with torch.no_grad():
         output = model.generate(**inputs, do_sample=False, max_new_tokens=MAX_NEW_TOKENS)
     eos = model.generation_config.eos_token_id
@@ -159,15 +155,13 @@ def test_token_counts_equal_processor_expansion(onevision, ov_pipelines, size):
     assert request.media[0].num_tokens == int((ids == video_id).sum())
 
 
-def test_video_pixels_close_to_transformers_video_processor(onevision, ov_pipelines):
-    """Ours resize frames with Pillow (bicubic, two 8-bit passes); LlavaOnevisionVideoProcessor with torchvision
-    (its uint8 antialiased kernel, a port of Pillow-SIMD with int16 weights). On smooth downscaled footage they differ
-    by at most one uint8 level; upscaling can reach two (see README)."""
-    processor = onevision["ov"].processor.video_processor
-    expected = processor(videos=[CLIP], return_tensors="np")["pixel_values_videos"][0]
-    ours = ov_pipelines["ov"].media.video_processor.preprocess(CLIP)
+@pytest.mark.parametrize("clip", [CLIP, np.random.default_rng(0).integers(0, 256, (3, 90, 50, 3), dtype=np.uint8)])
+def test_video_pixels_equal_transformers_video_processor(onevision, ov_pipelines, clip):
+    """LlavaOnevisionVideoProcessor resizes with torchvision's uint8 antialiased kernel; ours reproduces it."""
+    expected = onevision["ov"].processor.video_processor(videos=[clip], return_tensors="np")["pixel_values_videos"][0]
+    ours = ov_pipelines["ov"].media.video_processor.preprocess(clip)
     assert ours.shape == expected.shape
-    assert np.abs(ours - expected).max() <= 1e-2
+    assert np.abs(ours - expected).max() <= 1e-5
 
 
 def test_tied_embeddings_are_stored_once(onevision):

@@ -14,6 +14,7 @@ from PIL import Image, ImageFilter
 from transformers.video_utils import default_sample_indices_fn, read_video_pyav
 
 from llava_rt.runtime.errors import InputError
+from llava_rt.runtime.resize import resize_uint8_antialias
 from llava_rt.runtime.video import VideoProcessor, load_video, sample_frame_indices
 
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
@@ -124,15 +125,6 @@ def test_missing_pyav_message(clip, monkeypatch):
     assert load_video(_moving_frames(4, 4, 4), 2).shape == (2, 4, 4, 3)
 
 
-def _torch_reference(frames: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Bicubic antialiased resize of uint8 frames rounded back to uint8 (as torchvision does), rescaled and normalized."""
-    batch = torch.from_numpy(frames).permute(0, 3, 1, 2).float()
-    resized = F.interpolate(batch, size=(height, width), mode="bicubic", antialias=True, align_corners=False)
-    pixels = resized.round().clamp(0, 255).to(torch.uint8).numpy()
-    pixels = (pixels.astype(np.float64) / 255).astype(np.float32)
-    return (pixels - np.array(CLIP_MEAN, dtype=np.float32)[:, None, None]) / np.array(CLIP_STD, dtype=np.float32)[:, None, None]
-
-
 def _smooth_frames(count: int, height: int, width: int) -> np.ndarray:
     """Blurred noise over moving gradients: the low-frequency content of real video frames."""
     rng = np.random.default_rng(1)
@@ -144,35 +136,42 @@ def _smooth_frames(count: int, height: int, width: int) -> np.ndarray:
     return np.stack(frames).astype(np.uint8)
 
 
-# Pillow resizes in two 8-bit passes (rounding and clipping in between), torch in float: on smooth frames the results differ by
-# at most one uint8 level, which normalization turns into 1 / 255 / std. The 2-pass clipping of bicubic overshoot makes noise
-# frames differ by up to 16 levels (0.24 after normalization), so only smooth frames are compared.
-ONE_LEVEL = 1 / 255 / min(CLIP_STD)
+SIZES = [((96, 128), (32, 32)), ((50, 70), (24, 36)), ((20, 30), (40, 40)), ((360, 480), (336, 336)), ((31, 17), (64, 35))]
 
 
-@pytest.mark.parametrize(
-    ("src", "dst"),
-    [((96, 128), (32, 32)), ((50, 70), (24, 36)), ((20, 30), (40, 40)), ((360, 480), (336, 336))],
-    ids=["down", "odd", "up", "llava"],
-)
-def test_preprocess_close_to_torch_bicubic(src, dst):
-    frames = _smooth_frames(2, *src)
-    processor = VideoProcessor.from_manifest(
+@pytest.mark.parametrize("resample, mode", [(3, "bicubic"), (2, "bilinear")])
+@pytest.mark.parametrize(("src", "dst"), SIZES, ids=["down", "odd", "up", "llava", "up-odd"])
+def test_resize_equals_torch_uint8_antialias(src, dst, resample, mode):
+    """Bit-exact with the kernel torchvision runs for uint8 video frames, on noise and on smooth frames."""
+    noise = np.random.default_rng(2).integers(0, 256, (2, *src, 3), dtype=np.uint8)
+    for frames in (noise, _smooth_frames(2, *src)):
+        batch = torch.from_numpy(frames).permute(0, 3, 1, 2)
+        expected = F.interpolate(batch, size=dst, mode=mode, antialias=True).permute(0, 2, 3, 1).numpy()
+        np.testing.assert_array_equal(resize_uint8_antialias(frames, *dst, resample), expected)
+
+
+@pytest.mark.parametrize(("src", "dst"), SIZES[:4])
+def test_preprocess_equals_llava_next_video_processor(src, dst):
+    """Shortest-edge resize, torchvision's center crop, rescale and normalize, vs transformers' video processor."""
+    from transformers import LlavaNextVideoVideoProcessor
+
+    frames = np.random.default_rng(3).integers(0, 256, (2, *src, 3), dtype=np.uint8)
+    crop = {"height": dst[0], "width": dst[0]}
+    reference = LlavaNextVideoVideoProcessor(size={"shortest_edge": dst[0]}, crop_size=crop)
+    expected = reference(videos=[frames], return_tensors="np")["pixel_values_videos"][0]
+    ours = VideoProcessor.from_manifest(
         {
-            "size": {"height": dst[0], "width": dst[1]},
+            "size": {"shortest_edge": dst[0]},
             "resample": 3,
             "rescale_factor": 1 / 255,
             "image_mean": CLIP_MEAN,
             "image_std": CLIP_STD,
-            "crop_size": {"height": 1, "width": 1},
+            "do_center_crop": True,
+            "crop_size": crop,
         }
-    )
-    ours = processor.preprocess(frames)
-    expected = _torch_reference(frames, *dst)
-    assert ours.dtype == np.float32 and ours.shape == (2, 3, *dst) and ours.flags.c_contiguous
-    diff = np.abs(ours - expected)
-    print(f"smooth {src}->{dst}: max abs diff {diff.max():.4g}, mean {diff.mean():.3g} (one uint8 level = {ONE_LEVEL:.4g})")
-    assert diff.max() <= ONE_LEVEL + 1e-6
+    ).preprocess(frames)
+    assert ours.dtype == np.float32 and ours.shape == expected.shape and ours.flags.c_contiguous
+    assert np.abs(ours - expected).max() <= 1e-5
 
 
 def test_preprocess_steps_can_be_skipped():
