@@ -50,16 +50,16 @@ VICUNA_CHAT_TEMPLATE = (
 )
 
 
-@dataclass(frozen=True)
-class TinySpec:
-    """Dimensions of a tiny checkpoint. Defaults give a Mistral decoder with `vision_feature_layer=-2`."""
+# llava-v1.6's five pinpoints, scaled from 336 px tiles to 32 px ones.
+NEXT_PINPOINTS = ((32, 64), (64, 32), (64, 64), (96, 32), (32, 96))
 
-    text_model: str = "mistral"  # "mistral" or "llama"
-    vision_feature_layer: int | tuple[int, ...] = -2
-    vision_feature_select_strategy: str = "default"
+
+@dataclass(frozen=True)
+class TinyDims:
+    """Dimensions every tiny checkpoint has: vision tower, decoder, vocabulary, and the weights' seed."""
+
     image_size: int = 32
     patch_size: int = 8
-    image_grid_pinpoints: tuple[tuple[int, int], ...] = ((32, 64), (64, 32), (64, 64), (96, 32), (32, 96))
     vision_hidden: int = 32
     vision_layers: int = 3
     text_hidden: int = 64
@@ -67,9 +67,19 @@ class TinySpec:
     num_heads: int = 4
     num_kv_heads: int = 2
     max_position_embeddings: int = 1024
-    sliding_window: int | None = None
     vocab_size: int = 400
     seed: int = 0
+
+
+@dataclass(frozen=True)
+class TinySpec(TinyDims):
+    """A tiny LLaVA-NeXT. Defaults give a Mistral decoder with `vision_feature_layer=-2`."""
+
+    text_model: str = "mistral"  # "mistral" or "llama"
+    vision_feature_layer: int | tuple[int, ...] = -2
+    vision_feature_select_strategy: str = "default"
+    image_grid_pinpoints: tuple[tuple[int, int], ...] = NEXT_PINPOINTS
+    sliding_window: int | None = None
 
 
 # llava-onevision-qwen2's template (Qwen chat format, images then videos then text, `{% generation %}` blocks).
@@ -134,6 +144,21 @@ def _text_dims(spec, tokenizer) -> dict:
     )
 
 
+def _clip_vision_config(spec: TinyDims):
+    """The tiny CLIP tower of the LLaVA-NeXT families."""
+    from transformers import CLIPVisionConfig
+
+    return CLIPVisionConfig(
+        hidden_size=spec.vision_hidden,
+        intermediate_size=spec.vision_hidden * 2,
+        num_hidden_layers=spec.vision_layers,
+        num_attention_heads=2,
+        image_size=spec.image_size,
+        patch_size=spec.patch_size,
+        projection_dim=spec.vision_hidden,
+    )
+
+
 def _save_model(model_class, config, tokenizer, seed: int, out_dir: Path) -> None:
     """Instantiate with random weights (seeded) and save, with the tokenizer's special ids in the generation config."""
     import torch
@@ -149,7 +174,6 @@ def _save_model(model_class, config, tokenizer, seed: int, out_dir: Path) -> Non
 def build_tiny_checkpoint(out_dir: str | Path, spec: TinySpec = TinySpec()) -> Path:
     """Write a random-weight `LlavaNextForConditionalGeneration` checkpoint with its processor to `out_dir`."""
     from transformers import (
-        CLIPVisionConfig,
         LlamaConfig,
         LlavaNextConfig,
         LlavaNextForConditionalGeneration,
@@ -173,15 +197,7 @@ def build_tiny_checkpoint(out_dir: str | Path, spec: TinySpec = TinySpec()) -> P
     else:
         raise ValueError(f"unknown text model {spec.text_model!r}")
 
-    vision_config = CLIPVisionConfig(
-        hidden_size=spec.vision_hidden,
-        intermediate_size=spec.vision_hidden * 2,
-        num_hidden_layers=spec.vision_layers,
-        num_attention_heads=2,
-        image_size=spec.image_size,
-        patch_size=spec.patch_size,
-        projection_dim=spec.vision_hidden,
-    )
+    vision_config = _clip_vision_config(spec)
     feature_layer = spec.vision_feature_layer
     config = LlavaNextConfig(
         vision_config=vision_config,
@@ -212,23 +228,15 @@ def build_tiny_checkpoint(out_dir: str | Path, spec: TinySpec = TinySpec()) -> P
 
 
 @dataclass(frozen=True)
-class TinyOnevisionSpec:
+class TinyOnevisionSpec(TinyDims):
     """A tiny LLaVA-OneVision: SigLIP tower (5x5 patch grid, odd like the real 27x27), Qwen2 decoder."""
 
     tie_word_embeddings: bool = False
     image_size: int = 40
-    patch_size: int = 8
     image_grid_pinpoints: tuple[tuple[int, int], ...] = tuple((h, w) for h in (40, 80, 120) for w in (40, 80, 120))
     vision_aspect_ratio: str = "anyres_max_4"
-    vision_hidden: int = 32
     vision_layers: int = 2
-    text_hidden: int = 64
-    text_layers: int = 2
-    num_heads: int = 4
-    num_kv_heads: int = 2
     max_position_embeddings: int = 4096
-    vocab_size: int = 400
-    seed: int = 0
 
 
 def build_tiny_onevision_checkpoint(out_dir: str | Path, spec: TinyOnevisionSpec = TinyOnevisionSpec()) -> Path:
@@ -307,29 +315,18 @@ NEXT_VIDEO_CHAT_TEMPLATE = (
 
 
 @dataclass(frozen=True)
-class TinyNextVideoSpec:
+class TinyNextVideoSpec(TinyDims):
     """A tiny LLaVA-NeXT-Video: CLIP tower, spatial pooling of video frames (average, max or conv), Llama decoder."""
 
     spatial_pool_mode: str = "average"
     spatial_pool_stride: int = 2
-    image_size: int = 32
-    patch_size: int = 8
-    image_grid_pinpoints: tuple[tuple[int, int], ...] = ((32, 64), (64, 32), (64, 64), (96, 32), (32, 96))
-    vision_hidden: int = 32
-    vision_layers: int = 3
-    text_hidden: int = 64
-    text_layers: int = 2
-    num_heads: int = 4
-    num_kv_heads: int = 2
+    image_grid_pinpoints: tuple[tuple[int, int], ...] = NEXT_PINPOINTS
     max_position_embeddings: int = 2048
-    vocab_size: int = 400
-    seed: int = 0
 
 
 def build_tiny_next_video_checkpoint(out_dir: str | Path, spec: TinyNextVideoSpec = TinyNextVideoSpec()) -> Path:
     """Write a random-weight `LlavaNextVideoForConditionalGeneration` checkpoint with its processor configs."""
     from transformers import (
-        CLIPVisionConfig,
         LlamaConfig,
         LlavaNextVideoConfig,
         LlavaNextVideoForConditionalGeneration,
@@ -341,15 +338,7 @@ def build_tiny_next_video_checkpoint(out_dir: str | Path, spec: TinyNextVideoSpe
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = _fast_tokenizer(spec.vocab_size, True, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>")
-    vision_config = CLIPVisionConfig(
-        hidden_size=spec.vision_hidden,
-        intermediate_size=spec.vision_hidden * 2,
-        num_hidden_layers=spec.vision_layers,
-        num_attention_heads=2,
-        image_size=spec.image_size,
-        patch_size=spec.patch_size,
-        projection_dim=spec.vision_hidden,
-    )
+    vision_config = _clip_vision_config(spec)
     pinpoints = [list(p) for p in spec.image_grid_pinpoints]
     config = LlavaNextVideoConfig(
         vision_config=vision_config,

@@ -59,6 +59,19 @@ def _build_variants(root: Path, specs: dict, build, model_class, load_processor)
     return built
 
 
+def _processor_with_pil_images(pil_class):
+    """A processor loader that keeps the checkpoint's video processor (it needs torchvision) but uses the Pillow
+    image processor, the runtime's reference."""
+    from transformers import AutoProcessor
+
+    def load(checkpoint):
+        processor = AutoProcessor.from_pretrained(checkpoint)
+        processor.image_processor = pil_class.from_pretrained(checkpoint)
+        return processor
+
+    return load
+
+
 @pytest.fixture(scope="session")
 def variants(tmp_path_factory) -> dict[str, Variant]:
     from transformers import AutoProcessor, LlavaNextForConditionalGeneration
@@ -98,15 +111,10 @@ ONEVISION_VARIANTS = {
 @pytest.fixture(scope="session")
 def onevision(tmp_path_factory) -> dict[str, Variant]:
     """Tiny LLaVA-OneVision checkpoints, their bundles, and transformers' model and processor (Pil images)."""
-    from transformers import AutoProcessor, LlavaOnevisionForConditionalGeneration
+    from transformers import LlavaOnevisionForConditionalGeneration
     from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
 
     from llava_rt.export.tiny_checkpoint import TinyOnevisionSpec, build_tiny_onevision_checkpoint
-
-    def load_processor(checkpoint):
-        processor = AutoProcessor.from_pretrained(checkpoint)  # its video processor needs torchvision
-        processor.image_processor = LlavaOnevisionImageProcessorPil.from_pretrained(checkpoint)
-        return processor
 
     specs = {name: TinyOnevisionSpec(**options) for name, options in ONEVISION_VARIANTS.items()}
     return _build_variants(
@@ -114,7 +122,7 @@ def onevision(tmp_path_factory) -> dict[str, Variant]:
         specs,
         build_tiny_onevision_checkpoint,
         LlavaOnevisionForConditionalGeneration,
-        load_processor,
+        _processor_with_pil_images(LlavaOnevisionImageProcessorPil),
     )
 
 
@@ -163,3 +171,29 @@ def assert_one_line_error(result: subprocess.CompletedProcess, program: str, fra
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith(f"{program}: error:") and fragment in lines[0], lines[0]
+
+
+NEXT_VIDEO_POOL_MODES = ("average", "max", "conv")
+
+
+@pytest.fixture(scope="session")
+def next_video(tmp_path_factory) -> dict[str, Variant]:
+    """Tiny LLaVA-NeXT-Video checkpoints, one per spatial pooling mode, with bundles and transformers objects."""
+    from transformers import LlavaNextVideoForConditionalGeneration
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    from llava_rt.export.tiny_checkpoint import TinyNextVideoSpec, build_tiny_next_video_checkpoint
+
+    specs = {mode: TinyNextVideoSpec(spatial_pool_mode=mode, seed=i) for i, mode in enumerate(NEXT_VIDEO_POOL_MODES)}
+    return _build_variants(
+        tmp_path_factory.mktemp("next-video"),
+        specs,
+        build_tiny_next_video_checkpoint,
+        LlavaNextVideoForConditionalGeneration,
+        _processor_with_pil_images(LlavaNextImageProcessorPil),
+    )
+
+
+@pytest.fixture(params=NEXT_VIDEO_POOL_MODES)
+def nv_variant(request, next_video) -> Variant:
+    return next_video[request.param]
