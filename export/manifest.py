@@ -238,4 +238,9 @@ def build_manifest(
         "tokenizer": "tokenizer.json",
         "chat_template": "chat_template.jinja" if checkpoint.chat_template is not None else None,
         "verification": {"max_abs_diff": diffs, "tolerance": tolerance},
+        "generation": {
+            key: checkpoint.generation_config[key]
+            for key in ("do_sample", "temperature", "top_k", "top_p", "min_p", "repetition_penalty")
+            if key in checkpoint.generation_config
+        },
     }

@@ -1,24 +1,14 @@
-"""The greedy decode loop over the decoder graph's KV cache."""
+"""Token-by-token decoding over the decoder graph's KV cache (in the spirit of onnxruntime-genai's Generator)."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 
 from .backends import Session
-
-
-@dataclass
-class DecodeOutput:
-    """Generated ids per row (up to and including EOS) and where the time went."""
-
-    tokens: list[list[int]]
-    prefill_s: float
-    decode_s: float
-    decode_steps: int
+from .sampling import SearchOptions, choose_tokens, process_logits
 
 
 def empty_past(kv_cache: dict[str, int], batch: int, dtype) -> dict[str, np.ndarray]:
@@ -31,50 +21,73 @@ def empty_past(kv_cache: dict[str, int], batch: int, dtype) -> dict[str, np.ndar
     }
 
 
-def greedy_decode(
-    decoder: Session,
-    embed: Callable[[np.ndarray], np.ndarray],
-    inputs_embeds: np.ndarray,
-    attention_mask: np.ndarray,
-    kv_cache: dict[str, int],
-    max_new_tokens: int,
-    eos_token_ids: list[int],
-    max_length: int,
-) -> DecodeOutput:
-    """Prefill the left-padded batch, then feed back the argmax token until EOS, `max_new_tokens` or `max_length`.
+class Generator:
+    """Prefill a left-padded batch (optionally after an existing KV cache), then one token per call.
 
     Positions follow transformers' `generate`: `cumsum(attention_mask) - 1` (0 on padding), then +1 per step.
+    `attention_mask` covers the cached tokens and the new ones; `inputs_embeds` only the new ones.
     """
-    batch = inputs_embeds.shape[0]
-    dtype = inputs_embeds.dtype
-    past = empty_past(kv_cache, batch, dtype)
-    positions = np.maximum(np.cumsum(attention_mask, axis=-1) - 1, 0).astype(np.int64)
-    feeds = {"inputs_embeds": inputs_embeds, "attention_mask": attention_mask, "position_ids": positions, **past}
-    tokens: list[list[int]] = [[] for _ in range(batch)]
-    finished = np.zeros(batch, dtype=bool)
-    eos = np.array(eos_token_ids, dtype=np.int64)
 
-    started = time.perf_counter()
-    outputs = decoder.run(feeds)
-    prefill_s = time.perf_counter() - started
-    started = time.perf_counter()
-    steps = 0
-    while True:
-        next_tokens = np.argmax(outputs["logits"], axis=-1).astype(np.int64)
-        for row in np.flatnonzero(~finished):
-            tokens[row].append(int(next_tokens[row]))
-        finished |= np.isin(next_tokens, eos)
-        length = attention_mask.shape[1]
-        if finished.all() or len(max(tokens, key=len)) >= max_new_tokens or length + 1 >= max_length:
-            break
-        attention_mask = np.concatenate([attention_mask, np.ones((batch, 1), dtype=attention_mask.dtype)], axis=1)
-        positions = positions[:, -1:] + 1
-        feeds = {
-            "inputs_embeds": embed(next_tokens[:, None]),
-            "attention_mask": attention_mask,
-            "position_ids": positions,
-            **{name.replace("present", "past_key_values"): value for name, value in outputs.items() if name != "logits"},
+    def __init__(
+        self,
+        decoder: Session,
+        embed: Callable[[np.ndarray], np.ndarray],
+        inputs_embeds: np.ndarray,
+        attention_mask: np.ndarray,
+        past: dict[str, np.ndarray],
+        options: SearchOptions,
+        prompt_ids: list[np.ndarray],
+        eos_token_ids: list[int],
+        max_new_tokens: int,
+        max_length: int,
+    ):
+        self.decoder, self.embed, self.options = decoder, embed, options
+        self.prompt_ids, self.max_new_tokens, self.max_length = prompt_ids, max_new_tokens, max_length
+        self.eos = np.array(eos_token_ids, dtype=np.int64)
+        self.attention_mask = attention_mask
+        positions = np.maximum(np.cumsum(attention_mask, axis=-1) - 1, 0).astype(np.int64)
+        self.positions = positions[:, -inputs_embeds.shape[1] :]
+        self._feeds = {"inputs_embeds": inputs_embeds, "attention_mask": attention_mask, "position_ids": self.positions, **past}
+        self.past = past
+        self.tokens: list[list[int]] = [[] for _ in range(len(attention_mask))]
+        self.finished = np.zeros(len(attention_mask), dtype=bool)
+        self.rng = np.random.default_rng(options.seed)
+        self.prefill_s = self.decode_s = 0.0
+        self.decode_steps = 0
+
+    @property
+    def is_done(self) -> bool:
+        longest = max(len(t) for t in self.tokens)
+        return bool(self.finished.all()) or longest >= self.max_new_tokens or self.attention_mask.shape[1] + 1 > self.max_length
+
+    def finish(self, row: int) -> None:
+        """Stop a row (a stop string appeared); its tokens so far are kept."""
+        self.finished[row] = True
+
+    def generate_next_token(self) -> np.ndarray:
+        """Run the decoder once and choose each row's next token; returns them (`[B]`, finished rows included)."""
+        started = time.perf_counter()
+        prefill = self.decode_steps == 0 and not any(self.tokens)
+        outputs = self.decoder.run(self._feeds)
+        self.past = {name.replace("present", "past_key_values"): v for name, v in outputs.items() if name != "logits"}
+        histories = [np.concatenate([ids, np.array(t, dtype=np.int64)]) for ids, t in zip(self.prompt_ids, self.tokens)]
+        scores = process_logits(outputs["logits"], histories, self.options)
+        next_tokens = choose_tokens(scores, self.options, self.rng)
+        for row in np.flatnonzero(~self.finished):
+            self.tokens[row].append(int(next_tokens[row]))
+        self.finished |= np.isin(next_tokens, self.eos)
+        self.attention_mask = np.concatenate([self.attention_mask, np.ones((len(next_tokens), 1), np.int64)], axis=1)
+        self.positions = self.positions[:, -1:] + 1
+        self._feeds = {
+            "inputs_embeds": self.embed(next_tokens[:, None]),
+            "attention_mask": self.attention_mask,
+            "position_ids": self.positions,
+            **self.past,
         }
-        outputs = decoder.run(feeds)
-        steps += 1
-    return DecodeOutput(tokens, prefill_s, time.perf_counter() - started, steps)
+        elapsed = time.perf_counter() - started
+        if prefill:
+            self.prefill_s += elapsed
+        else:
+            self.decode_s += elapsed
+            self.decode_steps += 1
+        return next_tokens

@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
 from .backends import open_session
 from .bundle import Bundle, load_bundle
 from .chat import ChatTemplate, media_items, normalize_messages, user_turn
-from .decoding import greedy_decode
+from .decoding import Generator, empty_past
+from .detokenize import TextStream
 from .errors import BundleError, InputError
+from .feature_cache import FeatureCache
 from .image_processing import ImageInput
 from .media import Media, MediaProcessor
+from .sampling import SearchOptions
 from .tokenizer import Tokenizer
 from .video import VideoInput
 
@@ -33,6 +36,7 @@ class GenerationResult:
     input_tokens: int
     timings_ms: dict[str, float] = field(default_factory=dict)
     tokens_per_s: float = 0.0
+    reused_tokens: int = 0  # prompt tokens whose KV cache came from an earlier turn (chat sessions)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -158,13 +162,23 @@ class Pipeline:
         """Token embeddings by row lookup in the memory-mapped table (no full-table copy)."""
         return np.take(self.embed_tokens, ids, axis=0)
 
-    def media_features(self, requests: list[PreparedRequest]) -> list[np.ndarray]:
-        """Features of every image and video of every request, in order.
-
-        One vision call covers every tile and frame; NeXT-Video frames then go through the `video_pool`
-        graph; the projector runs once per distinct token count (tiles, pooled frames).
-        """
+    def media_features(self, requests: list[PreparedRequest], cache: FeatureCache | None = None) -> list[np.ndarray]:
+        """Features of every image and video of every request, in order; with a `cache`, media seen before are
+        taken from it and only the others run through the graphs."""
         media = [m for request in requests for m in request.media]
+        if cache is None:
+            return self._compute_features(media)
+        keys = [cache.key(m) for m in media]
+        found = [cache.get(key) for key in keys]
+        missing = [i for i, features in enumerate(found) if features is None]
+        for i, features in zip(missing, self._compute_features([media[i] for i in missing])):
+            cache.put(keys[i], features)
+            found[i] = features
+        return found
+
+    def _compute_features(self, media: list[Media]) -> list[np.ndarray]:
+        """One vision call covers every tile and frame; NeXT-Video frames then go through the `video_pool`
+        graph; the projector runs once per distinct token count (tiles, pooled frames)."""
         if not media:
             return []
         pixels = np.concatenate([m.pixels for m in media]).astype(self.embed_tokens.dtype)
@@ -204,41 +218,32 @@ class Pipeline:
 
     # ---- public generation --------------------------------------------------------------------------
 
-    def _run(self, requests: list[PreparedRequest], max_new_tokens: int, preprocess_s: float) -> list[GenerationResult]:
+    def search_options(self, search: SearchOptions | None = None, **overrides) -> SearchOptions:
+        """Resolved search options: `search` or keyword overrides, then the bundle's generation config."""
+        try:
+            options = search if search is not None else SearchOptions(**overrides)
+        except TypeError as exc:
+            raise InputError(f"unknown generation option: {exc}") from None
+        if "stop" in overrides and isinstance(overrides["stop"], str):
+            options = replace(options, stop=(overrides["stop"],))
+        return options.resolve(self.manifest.get("generation", {}))
+
+    def run(
+        self,
+        requests: list[PreparedRequest],
+        *,
+        max_new_tokens: int = 128,
+        search: SearchOptions | None = None,
+        feature_cache: FeatureCache | None = None,
+        reuse: tuple[int, dict[str, np.ndarray]] | None = None,
+    ) -> "DecodingRun":
+        """Start decoding prepared requests: iterate the run for `(row, text piece)`, then read `run.results`.
+
+        `reuse = (n, past)` continues a single request whose first `n` tokens are already in the KV cache `past`.
+        """
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-        started = time.perf_counter()
-        features = self.media_features(requests)
-        vision_s = time.perf_counter() - started
-        embeds, mask = self._inputs_embeds(requests, features)
-        output = greedy_decode(
-            self.sessions["decoder"],
-            self._embed,
-            embeds,
-            mask,
-            self.manifest["graphs"]["decoder"]["kv_cache"],
-            max_new_tokens,
-            self.tokens["eos_token_ids"],
-            self.max_length,
-        )
-        timings = {
-            "preprocess": preprocess_s * 1e3,
-            "vision": vision_s * 1e3,
-            "prefill": output.prefill_s * 1e3,
-            "decode": output.decode_s * 1e3,
-        }
-        tokens_per_s = output.decode_steps / output.decode_s if output.decode_s > 0 else 0.0
-        return [
-            GenerationResult(
-                text=self.tokenizer.decode(tokens),
-                token_ids=tokens,
-                prompt=request.prompt,
-                input_tokens=len(request.input_ids),
-                timings_ms=dict(timings),
-                tokens_per_s=tokens_per_s,
-            )
-            for request, tokens in zip(requests, output.tokens)
-        ]
+        return DecodingRun(self, requests, max_new_tokens, search or self.search_options(), feature_cache, reuse)
 
     def generate(
         self,
@@ -250,6 +255,8 @@ class Pipeline:
         num_frames: int = DEFAULT_NUM_FRAMES,
         max_new_tokens: int = 128,
         apply_chat_template: bool = True,
+        search: SearchOptions | None = None,
+        **search_options,
     ) -> GenerationResult:
         """Answer one request: a conversation (transformers' message format) or a prompt with images and videos.
 
@@ -257,17 +264,36 @@ class Pipeline:
         `apply_chat_template=False`, in which case it is used verbatim and must hold one `<image>`
         placeholder per image and one `<video>` per video. Videos are file paths (decoded with PyAV)
         or `[T, H, W, 3]` uint8 arrays, of which `num_frames` frames are sampled uniformly.
+        Search options (`do_sample`, `temperature`, `top_k`, `top_p`, `min_p`, `repetition_penalty`,
+        `seed`, `stop`) default to the bundle's generation config; see `SearchOptions`.
         """
-        started = time.perf_counter()
-        request = self.prepare(
-            messages,
-            prompt=prompt,
-            images=images,
-            videos=videos,
-            num_frames=num_frames,
-            apply_chat_template=apply_chat_template,
+        run = self._start(
+            [(messages, prompt, images, videos)], num_frames, apply_chat_template, max_new_tokens, search, search_options
         )
-        return self._run([request], max_new_tokens, time.perf_counter() - started)[0]
+        for _ in run:
+            pass
+        return run.results[0]
+
+    def stream(
+        self,
+        messages: list[dict[str, Any]] | None = None,
+        *,
+        prompt: str | None = None,
+        images: Sequence[ImageInput] = (),
+        videos: Sequence[VideoInput] = (),
+        num_frames: int = DEFAULT_NUM_FRAMES,
+        max_new_tokens: int = 128,
+        apply_chat_template: bool = True,
+        search: SearchOptions | None = None,
+        **search_options,
+    ) -> Iterator[str]:
+        """Like `generate`, but yields the answer's text as it is decoded (pieces concatenate to the full text)."""
+        run = self._start(
+            [(messages, prompt, images, videos)], num_frames, apply_chat_template, max_new_tokens, search, search_options
+        )
+        for _, piece in run:
+            if piece:
+                yield piece
 
     def generate_batch(
         self,
@@ -277,6 +303,8 @@ class Pipeline:
         videos: Sequence[Sequence[VideoInput]] | None = None,
         num_frames: int = DEFAULT_NUM_FRAMES,
         max_new_tokens: int = 128,
+        search: SearchOptions | None = None,
+        **search_options,
     ) -> list[GenerationResult]:
         """Answer several conversations at once (left-padded into one batch); `images[i]` and `videos[i]`
         belong to conversation i."""
@@ -286,6 +314,86 @@ class Pipeline:
         videos = videos if videos is not None else [()] * len(conversations)
         if not len(images) == len(videos) == len(conversations):
             raise InputError(f"{len(conversations)} conversations but {len(images)} image and {len(videos)} video lists")
+        items = [(c, None, i, v) for c, i, v in zip(conversations, images, videos)]
+        run = self._start(items, num_frames, True, max_new_tokens, search, search_options)
+        for _ in run:
+            pass
+        return run.results
+
+    def _start(self, items, num_frames, apply_chat_template, max_new_tokens, search, search_options) -> "DecodingRun":
         started = time.perf_counter()
-        requests = [self.prepare(c, images=i, videos=v, num_frames=num_frames) for c, i, v in zip(conversations, images, videos)]
-        return self._run(requests, max_new_tokens, time.perf_counter() - started)
+        options = self.search_options(search, **search_options)
+        requests = [
+            self.prepare(m, prompt=p, images=i, videos=v, num_frames=num_frames, apply_chat_template=apply_chat_template)
+            for m, p, i, v in items
+        ]
+        run = self.run(requests, max_new_tokens=max_new_tokens, search=options)
+        run.preprocess_s = time.perf_counter() - started
+        return run
+
+
+class DecodingRun:
+    """One decoding run: iterate it for `(row, text piece)` pairs; afterwards `results` holds the answers and
+    `generator.past` the KV cache of every token fed."""
+
+    def __init__(self, pipeline: Pipeline, requests, max_new_tokens, options, feature_cache, reuse):
+        self.pipeline, self.requests, self.max_new_tokens = pipeline, requests, max_new_tokens
+        self.options, self.feature_cache, self.reuse = options, feature_cache, reuse
+        self.preprocess_s = 0.0
+        self.results: list[GenerationResult] = []
+        self.generator: Generator | None = None
+
+    def __iter__(self) -> Iterator[tuple[int, str]]:
+        pipeline = self.pipeline
+        hits, misses = (self.feature_cache.hits, self.feature_cache.misses) if self.feature_cache else (0, 0)
+        started = time.perf_counter()
+        features = pipeline.media_features(self.requests, self.feature_cache)
+        vision_s = time.perf_counter() - started
+        embeds, mask = pipeline._inputs_embeds(self.requests, features)
+        kv_cache = pipeline.manifest["graphs"]["decoder"]["kv_cache"]
+        reused, past = self.reuse or (0, empty_past(kv_cache, len(self.requests), embeds.dtype))
+        self.generator = generator = Generator(
+            pipeline.sessions["decoder"],
+            pipeline._embed,
+            embeds[:, reused:],
+            mask,
+            past,
+            self.options,
+            [r.input_ids for r in self.requests],
+            pipeline.tokens["eos_token_ids"],
+            self.max_new_tokens,
+            pipeline.max_length,
+        )
+        streams = [TextStream(pipeline.tokenizer, self.options.stop) for _ in self.requests]
+        while not generator.is_done:
+            active = np.flatnonzero(~generator.finished)
+            next_tokens = generator.generate_next_token()
+            for row in active:
+                piece = streams[row].push(int(next_tokens[row]))
+                if streams[row].stopped:
+                    generator.finish(row)
+                yield int(row), piece
+        for row, stream in enumerate(streams):
+            yield row, stream.flush()
+        timings = {
+            "preprocess": self.preprocess_s * 1e3,
+            "vision": vision_s * 1e3,
+            "prefill": generator.prefill_s * 1e3,
+            "decode": generator.decode_s * 1e3,
+        }
+        if self.feature_cache is not None:
+            timings["feature_cache_hits"] = self.feature_cache.hits - hits
+            timings["feature_cache_misses"] = self.feature_cache.misses - misses
+        tokens_per_s = generator.decode_steps / generator.decode_s if generator.decode_s > 0 else 0.0
+        self.results = [
+            GenerationResult(
+                text=stream.text,
+                token_ids=generator.tokens[row],
+                prompt=request.prompt,
+                input_tokens=len(request.input_ids),
+                timings_ms=dict(timings),
+                tokens_per_s=tokens_per_s,
+                reused_tokens=reused,
+            )
+            for row, (request, stream) in enumerate(zip(self.requests, streams))
+        ]

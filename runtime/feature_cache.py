@@ -1,0 +1,48 @@
+"""An LRU cache of image and video features, bounded in bytes, keyed by the pixels' sha256 and layout."""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+
+import numpy as np
+
+from .media import Media
+
+
+class FeatureCache:
+    """Features of media seen before (same pixels, same layout) skip the vision and projector graphs."""
+
+    def __init__(self, max_mb: float):
+        self.max_bytes = int(max_mb * 2**20)
+        self._entries: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._bytes = 0
+        self.hits = self.misses = 0
+
+    @staticmethod
+    def key(media: Media) -> str:
+        digest = hashlib.sha256(media.pixels.tobytes())
+        digest.update(f"{media.kind}|{media.pixels.shape}|{media.layout}|{media.num_tokens}".encode())
+        return digest.hexdigest()
+
+    def get(self, key: str) -> np.ndarray | None:
+        features = self._entries.get(key)
+        if features is None:
+            self.misses += 1
+            return None
+        self._entries.move_to_end(key)
+        self.hits += 1
+        return features
+
+    def put(self, key: str, features: np.ndarray) -> None:
+        if features.nbytes > self.max_bytes or key in self._entries:
+            return
+        self._entries[key] = features
+        self._bytes += features.nbytes
+        while self._bytes > self.max_bytes:
+            _, evicted = self._entries.popitem(last=False)
+            self._bytes -= evicted.nbytes
+
+    @property
+    def size_bytes(self) -> int:
+        return self._bytes
