@@ -6,18 +6,22 @@ print(pipe.generate(prompt="What is shown here?", images=["cat.png"]).text)
 """
 
 from .bundle import Bundle, load_bundle
+from .chat_session import ChatSession
 from .errors import BackendUnavailable, BundleError, CheckpointError, ExportError, InputError, LlavaRtError
 from .pipeline import GenerationResult, Pipeline
+from .sampling import SearchOptions
 
 __all__ = [
     "BackendUnavailable",
     "Bundle",
     "BundleError",
+    "ChatSession",
     "CheckpointError",
     "ExportError",
     "GenerationResult",
     "InputError",
     "LlavaRtError",
     "Pipeline",
+    "SearchOptions",
     "load_bundle",
 ]

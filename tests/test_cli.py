@@ -175,3 +175,46 @@ def test_demo_command_exports_and_answers(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "answer:" in out and "prefill" in out and "tokens/s" in out
     assert (tmp_path / "bundle" / "manifest.json").is_file() and (tmp_path / "shapes.png").is_file()
+
+
+def test_run_stream_prints_the_same_answer(variants, image_file):
+    bundle = str(variants["mistral"].bundle)
+    ask = (
+        "--prompt",
+        "What is shown?",
+        "--image",
+        str(image_file),
+        "--max-new-tokens",
+        "8",
+        "--temperature",
+        "1.5",
+        "--seed",
+        "3",
+    )
+    streamed = run("llava_rt.runtime.cli", bundle, *ask, "--stream")
+    plain = run("llava_rt.runtime.cli", bundle, *ask)
+    assert streamed.returncode == plain.returncode == 0, streamed.stderr + plain.stderr
+    assert streamed.stdout == plain.stdout
+
+
+@pytest.mark.parametrize(
+    "options, fragment",
+    [
+        (("--temperature", "0"), "temperature must be > 0"),
+        (("--do-sample", "--temperature", "-1"), "temperature must be > 0"),
+        (("--top-p", "1.5"), "top_p must be in (0, 1]"),
+        (("--top-k", "-2"), "top_k must be an integer >= 0"),
+    ],
+)
+def test_run_bad_generation_options(variants, options, fragment):
+    result = run("llava_rt.runtime.cli", str(variants["mistral"].bundle), "--prompt", "Hi", *options)
+    assert_one_line_error(result, "llava-run", fragment)
+
+
+def test_run_interactive_reuses_the_cache(variants, image_file):
+    script = f"/image {image_file}\nWhat is shown?\nAnd what else?\n/quit\n"
+    result = run("llava_rt.runtime.cli", str(variants["mistral"].bundle), "--interactive", "--max-new-tokens", "4", stdin=script)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("> ") >= 3
+    assert "reused from the cache" in result.stderr  # the second turn prefilled only its new tokens
+    assert "Traceback" not in result.stderr
