@@ -23,6 +23,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype", choices=sorted(DTYPES), default="fp32", help="precision of the exported graphs (default: fp32)"
     )
     parser.add_argument(
+        "--precision",
+        choices=("int8", "int4"),
+        default=None,
+        help="also write a weight-only quantized decoder (block-wise MatMulNBits) and run it; "
+        "the fp32 decoder stays as the reference and the drift is reported",
+    )
+    parser.add_argument(
         "--tolerance",
         type=float,
         default=None,
@@ -44,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
             dtype=args.dtype,
             force=args.force,
             tolerance=args.tolerance,
+            precision=args.precision,
             log=lambda message: print(message, file=sys.stderr),
         )
     except LlavaRtError as exc:

@@ -21,6 +21,7 @@ from .checkpoint import load_model, read_checkpoint
 from .graphs import DecoderWithCache, Projector, VideoPooler, VisionFeatures
 from .manifest import build_manifest, describe_io, feature_layers
 from .onnx_export import export_onnx
+from .quantize import PRECISIONS, measure_drift, quantize_decoder
 
 DTYPES = {"fp32": np.float32, "fp16": np.float16}
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
@@ -50,6 +51,34 @@ def _tied_table(graph_path: Path, embed: np.ndarray) -> dict[str, Any]:
         if np.array_equal(read_array(graph_path.parent, spec), embed):
             return spec
     raise ExportError("tied embeddings: the lm_head weight was not found in the decoder graph's external data")
+
+
+def _add_quantized_decoder(manifest: dict[str, Any], work: Path, precision: str, embed: np.ndarray, log) -> None:
+    """Quantize the decoder's weights, point the manifest at the copy, record drift and sizes against fp32."""
+    log(f"[4/4] quantizing the decoder weights to {precision} (block-wise MatMulNBits)")
+    reference = work / "decoder.onnx"
+    quantized = quantize_decoder(reference, precision)
+    drift = measure_drift(reference, quantized, embed, manifest["graphs"]["decoder"]["kv_cache"])
+
+    def size(path: Path) -> int:
+        data = path.with_name(f"{path.name}.data")
+        return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+
+    drift["decoder_bytes"] = {"fp32": size(reference), precision: size(quantized)}
+    log(
+        f"  {precision} decoder: last-token logit cosine vs fp32 {drift['mean_cosine']:.5f}, top-1 agreement "
+        f"{drift['top1_agreement']:.0%} over {drift['prompts']} prompts; {size(reference) / 2**20:.1f} MiB -> "
+        f"{size(quantized) / 2**20:.1f} MiB"
+    )
+    decoder = manifest["graphs"]["decoder"]
+    manifest["graphs"]["decoder"] = {
+        **decoder,
+        "file": quantized.name,
+        "external_data": f"{quantized.name}.data",
+        "reference": {"file": reference.name, "external_data": decoder.get("external_data")},
+    }
+    manifest["precision"] = precision
+    manifest["verification"]["quantization"] = drift
 
 
 def _export_graphs(
@@ -155,15 +184,19 @@ def export_bundle(
     dtype: str = "fp32",
     force: bool = False,
     tolerance: float | None = None,
+    precision: str | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Export a checkpoint into a bundle at `out_dir`; returns the manifest. Nothing is left behind on failure.
 
     Each graph must match PyTorch within `tolerance` (max abs difference; default per dtype, see
-    `verify.TOLERANCE`).
+    `verify.TOLERANCE`). `precision` ("int8" or "int4") adds a weight-only quantized decoder, which the
+    runtime then uses; the fp32 decoder stays as the reference and the drift between them is recorded.
     """
     if dtype not in DTYPES:
         raise ExportError(f"unsupported dtype {dtype!r} (choose from {', '.join(DTYPES)})")
+    if precision is not None and (precision not in PRECISIONS or dtype != "fp32"):
+        raise ExportError(f"--precision takes {' or '.join(PRECISIONS)} and quantizes an fp32 export, got {precision!r}")
     tolerance = verify.TOLERANCE[dtype] if tolerance is None else tolerance
     out_dir = Path(out_dir)
     if out_dir.exists() and not force:
@@ -189,6 +222,8 @@ def export_bundle(
         if checkpoint.chat_template is not None:
             (work / "chat_template.jinja").write_text(checkpoint.chat_template)
         manifest = build_manifest(checkpoint, model, dtype, graphs, arrays, diffs, tolerance)
+        if precision is not None:
+            _add_quantized_decoder(manifest, work, precision, embed, log)
         manifest["files"] = {
             p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in sorted(work.iterdir()) if p.is_file()
         }

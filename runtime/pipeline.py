@@ -52,7 +52,7 @@ class PreparedRequest:
 
 
 class Pipeline:
-    """Runs a bundle: preprocessing, vision, projector, packing, then greedy decoding with the KV cache."""
+    """Runs a bundle: preprocessing, vision, projector, packing, then greedy or sampled decoding with the KV cache."""
 
     def __init__(self, bundle: Bundle, backend: str = "onnxruntime", threads: int | None = None):
         manifest = bundle.manifest
