@@ -52,7 +52,17 @@ class ChatSession:
         self.messages = [m for m in self.messages if m["role"] == "system"]
         self._cached_ids, self._past = np.zeros(0, dtype=np.int64), None
 
-    def _start(self, text, images, videos, num_frames, max_new_tokens, search, search_options) -> DecodingRun:
+    def _start(
+        self,
+        text: str,
+        *,
+        images: Sequence[ImageInput] = (),
+        videos: Sequence[VideoInput] = (),
+        num_frames: int = DEFAULT_NUM_FRAMES,
+        max_new_tokens: int = 128,
+        search: SearchOptions | None = None,
+        **search_options,
+    ) -> DecodingRun:
         if not isinstance(text, str):
             raise InputError("a chat turn's text must be a string")
         content = [{"type": "image", "image": image} for image in images]
@@ -81,36 +91,23 @@ class ChatSession:
         self._past = run.generator.past
         return result
 
-    def send(
-        self,
-        text: str,
-        *,
-        images: Sequence[ImageInput] = (),
-        videos: Sequence[VideoInput] = (),
-        num_frames: int = DEFAULT_NUM_FRAMES,
-        max_new_tokens: int = 128,
-        search: SearchOptions | None = None,
-        **search_options,
-    ) -> GenerationResult:
-        """Add a user turn (its images and videos first, then the text) and return the assistant's answer."""
-        run = self._start(text, images, videos, num_frames, max_new_tokens, search, search_options)
+    def send(self, text: str, **options) -> GenerationResult:
+        """Add a user turn (its `images` and `videos` first, then the text) and return the assistant's answer.
+
+        Options: `images`, `videos`, `num_frames`, `max_new_tokens`, `search` and search keywords, as for
+        `Pipeline.start`.
+        """
+        run = self._start(text, **options)
         for _ in run:
             pass
         return self._finish(run)
 
-    def stream(
-        self,
-        text: str,
-        *,
-        images: Sequence[ImageInput] = (),
-        videos: Sequence[VideoInput] = (),
-        num_frames: int = DEFAULT_NUM_FRAMES,
-        max_new_tokens: int = 128,
-        search: SearchOptions | None = None,
-        **search_options,
-    ) -> Iterator[str]:
+    def stream(self, text: str, **options) -> Iterator[str]:
         """Like `send`, yielding the answer as it is decoded; the turn is recorded when the stream ends."""
-        run = self._start(text, images, videos, num_frames, max_new_tokens, search, search_options)
+        run = self._start(text, **options)
+        return self._stream(run)
+
+    def _stream(self, run: DecodingRun) -> Iterator[str]:
         for _, piece in run:
             if piece:
                 yield piece

@@ -245,7 +245,7 @@ class Pipeline:
             raise InputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
         return DecodingRun(self, requests, max_new_tokens, search or self.search_options(), feature_cache, reuse)
 
-    def generate(
+    def start(
         self,
         messages: list[dict[str, Any]] | None = None,
         *,
@@ -257,9 +257,10 @@ class Pipeline:
         apply_chat_template: bool = True,
         search: SearchOptions | None = None,
         **search_options,
-    ) -> GenerationResult:
-        """Answer one request: a conversation (transformers' message format) or a prompt with images and videos.
+    ) -> "DecodingRun":
+        """Prepare one request and start decoding it (`generate` and `stream` take these same arguments).
 
+        The request is a conversation (transformers' message format) or a prompt with images and videos.
         A `prompt` is rendered as one user turn (images, then videos, then the text) unless
         `apply_chat_template=False`, in which case it is used verbatim and must hold one `<image>`
         placeholder per image and one `<video>` per video. Videos are file paths (decoded with PyAV)
@@ -267,33 +268,22 @@ class Pipeline:
         Search options (`do_sample`, `temperature`, `top_k`, `top_p`, `min_p`, `repetition_penalty`,
         `seed`, `stop`) default to the bundle's generation config; see `SearchOptions`.
         """
-        run = self._start(
+        return self._start(
             [(messages, prompt, images, videos)], num_frames, apply_chat_template, max_new_tokens, search, search_options
         )
+
+    def generate(self, messages: list[dict[str, Any]] | None = None, **request) -> GenerationResult:
+        """Answer one request (arguments as for `start`): text, token ids, prompt and timings."""
+        run = self.start(messages, **request)
         for _ in run:
             pass
         return run.results[0]
 
-    def stream(
-        self,
-        messages: list[dict[str, Any]] | None = None,
-        *,
-        prompt: str | None = None,
-        images: Sequence[ImageInput] = (),
-        videos: Sequence[VideoInput] = (),
-        num_frames: int = DEFAULT_NUM_FRAMES,
-        max_new_tokens: int = 128,
-        apply_chat_template: bool = True,
-        search: SearchOptions | None = None,
-        **search_options,
-    ) -> Iterator[str]:
-        """Like `generate`, but yields the answer's text as it is decoded (pieces concatenate to the full text)."""
-        run = self._start(
-            [(messages, prompt, images, videos)], num_frames, apply_chat_template, max_new_tokens, search, search_options
-        )
-        for _, piece in run:
-            if piece:
-                yield piece
+    def stream(self, messages: list[dict[str, Any]] | None = None, **request) -> Iterator[str]:
+        """Like `generate` (arguments as for `start`), yielding the answer's text as it is decoded; the pieces
+        concatenate to the full text. Bad input raises here, before iteration."""
+        run = self.start(messages, **request)
+        return (piece for _, piece in run if piece)
 
     def generate_batch(
         self,
