@@ -159,8 +159,9 @@ class Pipeline:
     # ---- model stages -----------------------------------------------------------------------------------
 
     def _embed(self, ids: np.ndarray) -> np.ndarray:
-        """Token embeddings by row lookup in the memory-mapped table (no full-table copy)."""
-        return np.take(self.embed_tokens, ids, axis=0)
+        """Token embeddings by row lookup in the memory-mapped table. Indexing (not `np.take`, which first makes
+        its input contiguous) reads only the rows asked for, also from a transposed view (tied embeddings)."""
+        return np.ascontiguousarray(self.embed_tokens[ids])
 
     def media_features(self, requests: list[PreparedRequest], cache: FeatureCache | None = None) -> list[np.ndarray]:
         """Features of every image and video of every request, in order; with a `cache`, media seen before are

@@ -233,3 +233,19 @@ def test_cli_video_json(onevision, tmp_path):
     payload = json.loads(result.stdout)
     assert payload["prompt"] == "<|im_start|>user <video>\nWhat happens?<|im_end|><|im_start|>assistant\n"
     assert payload["input_tokens"] > 4 * 9
+
+
+def test_embedding_lookup_does_not_copy_the_tied_table(ov_pipelines):
+    """The tied table is a transposed view of the decoder's weights; a lookup must read rows, not copy it all."""
+    import tracemalloc
+
+    pipeline = ov_pipelines["ov-tied"]
+    table = pipeline.embed_tokens
+    assert not table.flags.c_contiguous  # the transposed view
+    pipeline._embed(np.array([[5]]))  # warm up
+    tracemalloc.start()
+    rows = pipeline._embed(np.array([[5, 17]]))
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    np.testing.assert_array_equal(rows[0], np.asarray(table)[[5, 17]])
+    assert peak < table.nbytes / 10
