@@ -113,7 +113,7 @@ def _export_graphs(
         ["image_features"],
         {"pixel_values": {0: "tiles"}, "image_features": {0: "tiles"}},
     )
-    diff, features = verify.verify_vision(work / "vision.onnx", vision, pixel_values)
+    diff, features = verify.verify_graph(work / "vision.onnx", vision, pixel_values, "pixel_values")
     record("vision", diff)
 
     projector = Projector(model.model.multi_modal_projector)
@@ -126,7 +126,7 @@ def _export_graphs(
         ["image_embeds"],
         {"image_features": {0: "tiles", 1: "tokens"}, "image_embeds": {0: "tiles", 1: "tokens"}},
     )
-    record("projector", verify.verify_graph(work / "projector.onnx", projector, features, "image_features"))
+    record("projector", verify.verify_graph(work / "projector.onnx", projector, features, "image_features")[0])
 
     resampler = getattr(model.model, "vision_resampler", None)
     if resampler is not None:
@@ -139,7 +139,7 @@ def _export_graphs(
             ["pooled_features"],
             {"image_features": {0: "frames"}, "pooled_features": {0: "frames"}},
         )
-        record("video_pool", verify.verify_graph(work / "video_pool.onnx", pooler, features, "image_features"))
+        record("video_pool", verify.verify_graph(work / "video_pool.onnx", pooler, features, "image_features")[0])
 
     log("[3/4] exporting the decoder graph (KV cache)")
     decoder = DecoderWithCache(model.model.language_model, model.lm_head)

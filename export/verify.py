@@ -22,20 +22,12 @@ def _max_diff(actual: np.ndarray, expected: torch.Tensor) -> float:
     return float(np.max(np.abs(actual.astype(np.float64) - expected.double().numpy())))
 
 
-def verify_vision(path: Path, module, pixel_values: torch.Tensor) -> tuple[float, torch.Tensor]:
-    """Max abs diff of the vision graph; also returns the reference features for the projector check."""
-    with torch.no_grad():
-        expected = module(pixel_values)
-    (actual,) = _session(path).run(None, {"pixel_values": pixel_values.numpy()})
-    return _max_diff(actual, expected), expected
-
-
-def verify_graph(path: Path, module, sample: torch.Tensor, input_name: str) -> float:
-    """Max abs diff of a one-input graph against its module."""
+def verify_graph(path: Path, module, sample: torch.Tensor, input_name: str) -> tuple[float, torch.Tensor]:
+    """Max abs diff of a one-input graph against its module, and the module's output (the next graph's input)."""
     with torch.no_grad():
         expected = module(sample)
     (actual,) = _session(path).run(None, {input_name: sample.numpy()})
-    return _max_diff(actual, expected)
+    return _max_diff(actual, expected), expected
 
 
 def verify_decoder(path: Path, model, kv_cache: dict[str, int], dtype: torch.dtype) -> float:

@@ -67,10 +67,12 @@ class Generator:
     def generate_next_token(self) -> np.ndarray:
         """Run the decoder once and choose each row's next token; returns them (`[B]`, finished rows included)."""
         started = time.perf_counter()
-        prefill = self.decode_steps == 0 and not any(self.tokens)
+        prefill = not any(self.tokens)
         outputs = self.decoder.run(self._feeds)
         self.past = {name.replace("present", "past_key_values"): v for name, v in outputs.items() if name != "logits"}
-        histories = [np.concatenate([ids, np.array(t, dtype=np.int64)]) for ids, t in zip(self.prompt_ids, self.tokens)]
+        histories = []  # only the repetition penalty reads them
+        if self.options.repetition_penalty != 1.0:
+            histories = [np.concatenate([ids, np.array(t, dtype=np.int64)]) for ids, t in zip(self.prompt_ids, self.tokens)]
         scores = process_logits(outputs["logits"], histories, self.options)
         next_tokens = choose_tokens(scores, self.options, self.rng)
         for row in np.flatnonzero(~self.finished):

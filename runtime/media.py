@@ -41,17 +41,15 @@ class MediaProcessor:
     def image(self, source: ImageInput, multi_image: bool) -> Media:
         """Preprocess one image; `multi_image` when its prompt holds other images too."""
         image = load_image(source)
-        if multi_image and self.packing["multi_image"] == "base_only":
-            pixels, size = self.image_processor.preprocess_base_only(image)
-        else:
-            pixels, size = self.image_processor.preprocess(image)
+        size = image.shape[:2] if isinstance(image, np.ndarray) else (image.height, image.width)
         layout = image_layout(size, self.packing, multi_image)
+        preprocess = self.image_processor.preprocess_base_only if layout.num_tiles == 1 else self.image_processor.preprocess
+        pixels, _ = preprocess(image)
         return Media("image", pixels, layout.num_tokens, layout)
 
     def video(self, source: VideoInput, num_frames: int) -> Media:
-        """Sample `num_frames` frames of a video file or `[T, H, W, 3]` array and preprocess them."""
-        if self.video_processor is None:
-            raise InputError("this model has no video token; videos are not supported by this bundle")
+        """Sample `num_frames` frames of a video file or `[T, H, W, 3]` array and preprocess them (the pipeline
+        has checked that the model takes videos)."""
         if not isinstance(num_frames, int) or num_frames < 1:
             raise InputError(f"num_frames must be a positive integer, got {num_frames!r}")
         pixels = self.video_processor.preprocess(load_video(source, num_frames))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -225,8 +225,6 @@ class Pipeline:
             options = search if search is not None else SearchOptions(**overrides)
         except TypeError as exc:
             raise InputError(f"unknown generation option: {exc}") from None
-        if "stop" in overrides and isinstance(overrides["stop"], str):
-            options = replace(options, stop=(overrides["stop"],))
         return options.resolve(self.manifest.get("generation", {}))
 
     def run(

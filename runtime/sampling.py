@@ -25,7 +25,7 @@ class SearchOptions:
     min_p: float | None = None
     repetition_penalty: float | None = None
     seed: int | None = None
-    stop: tuple[str, ...] = ()
+    stop: tuple[str, ...] | str = ()  # one string or several
 
     def resolve(self, generation_config: dict[str, Any]) -> "SearchOptions":
         """Fill unset fields from the generation config and validate. Giving any sampling parameter
@@ -40,7 +40,7 @@ class SearchOptions:
             values[field.name] = value
         if self.do_sample is None and any(getattr(self, key) is not None for key in SAMPLING_KEYS):
             values["do_sample"] = True
-        values["stop"] = tuple(self.stop)
+        values["stop"] = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
         resolved = replace(self, **values)
         resolved.validate()
         return resolved

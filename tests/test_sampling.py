@@ -186,3 +186,9 @@ def test_stop_string_spanning_tokens_is_held_back(variants):
             break
     pieces.append(stream.flush())
     assert "".join(pieces) == "The answer is yes. " and stream.stopped
+
+
+def test_a_single_stop_string_is_one_stop_string():
+    """`stop="END"` means one stop string, however the options are built (not the characters E, N, D)."""
+    assert SearchOptions(stop="END").resolve({}).stop == ("END",)
+    assert SearchOptions(stop=["END", "##"]).resolve({}).stop == ("END", "##")
