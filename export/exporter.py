@@ -16,6 +16,7 @@ import torch
 
 from ..runtime.bundle import MANIFEST_NAME, read_array, sha256_file
 from ..runtime.errors import ExportError
+from ..runtime.kv_cache import new_names, past_names
 from . import verify
 from .checkpoint import load_model, read_checkpoint
 from .graphs import DecoderWithCache, Projector, VideoPooler, VisionFeatures
@@ -146,6 +147,7 @@ def _export_graphs(
     num_layers = text_config.num_hidden_layers
     head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
     kv_heads = text_config.num_key_value_heads
+    kv_cache = {"num_layers": num_layers, "num_kv_heads": kv_heads, "head_dim": head_dim}
     batch, seq, past_len = 2, 3, 5  # distinct sizes > 1, so no axis gets specialised during tracing
     embeds = torch.randn(batch, seq, text_config.hidden_size, generator=generator).to(torch_dtype)
     mask = torch.ones(batch, past_len + seq, dtype=torch.int64)
@@ -153,26 +155,23 @@ def _export_graphs(
     past = tuple(
         torch.randn(batch, kv_heads, past_len, head_dim, generator=generator).to(torch_dtype) for _ in range(2 * num_layers)
     )
-    past_names = [f"past_key_values.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
-    present_names = [f"present.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
     axes = {
         "inputs_embeds": {0: "batch", 1: "sequence"},
         "attention_mask": {0: "batch", 1: "total_sequence"},
         "position_ids": {0: "batch", 1: "sequence"},
         "logits": {0: "batch"},
-        **{name: {0: "batch", 2: "past_sequence"} for name in past_names},
-        **{name: {0: "batch", 2: "total_sequence"} for name in present_names},
+        **{name: {0: "batch", 2: "past_sequence"} for name in past_names(kv_cache)},
+        **{name: {0: "batch", 2: "sequence"} for name in new_names(kv_cache)},
     }
     export_onnx(
         decoder,
         (embeds, mask, positions, past),
         work / "decoder.onnx",
-        ["inputs_embeds", "attention_mask", "position_ids", *past_names],
-        ["logits", *present_names],
+        ["inputs_embeds", "attention_mask", "position_ids", *past_names(kv_cache)],
+        ["logits", *new_names(kv_cache)],
         axes,
         external_data=ties_embeddings(model),
     )
-    kv_cache = {"num_layers": num_layers, "num_kv_heads": kv_heads, "head_dim": head_dim}
     record("decoder", verify.verify_decoder(work / "decoder.onnx", model, kv_cache, torch_dtype))
     graphs["decoder"]["kv_cache"] = kv_cache
     return graphs, diffs

@@ -6,6 +6,8 @@ transformers computes; only the KV cache plumbing and the attention mask are our
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
@@ -49,34 +51,75 @@ class VideoPooler(nn.Module):
         return self.resampler(image_features)
 
 
+SPLIT_CACHE_ATTENTION = "llava_rt_split_cache"
+
+
 class _TensorCache:
-    """The slice of transformers' `Cache` interface its attention layers use, backed by plain tensors."""
+    """The slice of transformers' `Cache` interface its attention layers use: `update` records the new keys and
+    values (the graph's outputs) and hands them back unchanged; `split_cache_attention` reads the past itself."""
 
     def __init__(self, past: list[tuple[torch.Tensor, torch.Tensor]]):
         self.past = past
-        self.present: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.new: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        past_key, past_value = self.past[layer_idx]
-        key = torch.cat([past_key, key_states], dim=-2)
-        value = torch.cat([past_value, value_states], dim=-2)
-        self.present.append((key, value))
-        return key, value
+        self.new.append((key_states, value_states))
+        return key_states, value_states
 
 
-def attention_bias(attention_mask: torch.Tensor, query_length: int, sliding_window: int | None, dtype) -> torch.Tensor:
-    """Additive mask `[B, 1, S, P+S]`: causal, padding-aware and optionally sliding-window.
+def split_cache_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, cache=None, **kwargs):
+    """transformers' eager attention over `[past keys; new keys]` without building that concatenation.
 
-    Masked entries get the dtype's most negative finite value (as transformers does), so a fully
-    masked row (a left-padding position) yields a uniform softmax instead of NaN.
+    The past (a preallocated buffer the runtime owns, unused slots masked) is only read: scores against
+    it and against the new keys are computed apart, softmaxed together, and the two value products summed.
+    Query heads sharing a KV head are folded into one matmul, so the KV heads are never repeated either.
+    Returns `[B, S, heads, D]` like `eager_attention_forward`.
     """
-    total = attention_mask.shape[-1]
-    key_pos = torch.arange(total, device=attention_mask.device)
-    query_pos = torch.arange(query_length, device=attention_mask.device) + (total - query_length)
-    allowed = key_pos[None, :] <= query_pos[:, None]
+    past_key, past_value = cache.past[module.layer_idx]
+    batch, heads, length, dim = query.shape
+    kv_heads = key.shape[1]
+    grouped = query.reshape(batch, kv_heads, (heads // kv_heads) * length, dim)
+    scores = torch.cat([grouped @ past_key.transpose(-1, -2), grouped @ key.transpose(-1, -2)], dim=-1) * scaling
+    scores = scores.reshape(batch, heads, length, -1) + attention_mask
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    probs = probs.reshape(batch, kv_heads, (heads // kv_heads) * length, -1)
+    past_length = past_key.shape[2]
+    output = probs[..., :past_length] @ past_value + probs[..., past_length:] @ value
+    return output.reshape(batch, heads, length, dim).transpose(1, 2), None
+
+
+def _register_split_cache_attention() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(SPLIT_CACHE_ATTENTION, split_cache_attention)
+
+
+@contextmanager
+def _attention_implementation(config, name: str):
+    """Run the language model's attention layers with `name` (set on the config, restored afterwards)."""
+    previous = config._attn_implementation_internal
+    config._attn_implementation_internal = name
+    try:
+        yield
+    finally:
+        config._attn_implementation_internal = previous
+
+
+def attention_bias(attention_mask: torch.Tensor, position_ids: torch.Tensor, sliding_window: int | None, dtype) -> torch.Tensor:
+    """Additive mask `[B, 1, S, P+S]` over `[past slots; new tokens]`: causal, padding-aware, optionally sliding-window.
+
+    Slots are compared by position (`cumsum(attention_mask) - 1`), not by index, so masked slots anywhere
+    (left padding, unused capacity of a preallocated cache) do not count; for the tokens that attend, this
+    is the same as transformers' index-based mask, since their positions are consecutive. Masked entries get
+    the dtype's most negative finite value (as transformers does), so a fully masked row (a left-padding
+    position) yields a uniform softmax instead of NaN.
+    """
+    key_pos = attention_mask.cumsum(-1) - 1
+    query_pos = position_ids
+    allowed = key_pos[:, None, :] <= query_pos[:, :, None]
     if sliding_window is not None:
-        allowed = allowed & (query_pos[:, None] - key_pos[None, :] < sliding_window)
-    allowed = allowed[None, None] & attention_mask[:, None, None, :].bool()
+        allowed = allowed & (query_pos[:, :, None] - key_pos[:, None, :] < sliding_window)
+    allowed = allowed[:, None] & attention_mask[:, None, None, :].bool()
     zero = torch.zeros((), dtype=dtype, device=attention_mask.device)
     return torch.where(allowed, zero, torch.finfo(dtype).min)
 
@@ -94,10 +137,12 @@ def layer_windows(config) -> list[int | None]:
 
 
 class DecoderWithCache(nn.Module):
-    """One step of the language model: embeddings + mask + positions + past KV -> last-token logits + present KV.
+    """One step of the language model: embeddings + mask + positions + past KV -> last-token logits + the new KV.
 
-    Serves both prefill (sequence length S, past length 0) and decode (S = 1). Only the last
-    position's logits are produced, so no `[B, S, vocab]` tensor is ever materialised.
+    Serves both prefill (sequence length S, no past) and decode (S = 1). The past is the runtime's
+    preallocated cache (`[B, kv_heads, capacity, D]`, unused slots masked by `attention_mask`), read in
+    place; only the new tokens' keys and values come out, for the runtime to write into its buffers.
+    Only the last position's logits are produced, so no `[B, S, vocab]` tensor is ever materialised.
     """
 
     def __init__(self, language_model: nn.Module, lm_head: nn.Module):
@@ -105,27 +150,29 @@ class DecoderWithCache(nn.Module):
         self.language_model = language_model
         self.lm_head = lm_head
         self.windows = layer_windows(language_model.config)
+        _register_split_cache_attention()
 
     def forward(self, inputs_embeds, attention_mask, position_ids, past_key_values: tuple[torch.Tensor, ...]):
         """`past_key_values` is flat: (layer 0 key, layer 0 value, layer 1 key, ...), each `[B, kv_heads, P, D]`."""
         pairs = list(zip(past_key_values[0::2], past_key_values[1::2]))
         cache = _TensorCache(pairs)
         biases = {
-            window: attention_bias(attention_mask, inputs_embeds.shape[1], window, inputs_embeds.dtype)
-            for window in set(self.windows)
+            window: attention_bias(attention_mask, position_ids, window, inputs_embeds.dtype) for window in set(self.windows)
         }
         hidden = inputs_embeds
         position_embeddings = self.language_model.rotary_emb(hidden, position_ids=position_ids)
-        for layer, window in zip(self.language_model.layers, self.windows):
-            hidden = layer(
-                hidden,
-                attention_mask=biases[window],
-                position_embeddings=position_embeddings,
-                position_ids=position_ids,
-                past_key_values=cache,
-                use_cache=True,
-            )
+        with _attention_implementation(self.language_model.config, SPLIT_CACHE_ATTENTION):
+            for layer, window in zip(self.language_model.layers, self.windows):
+                hidden = layer(
+                    hidden,
+                    attention_mask=biases[window],
+                    position_embeddings=position_embeddings,
+                    position_ids=position_ids,
+                    past_key_values=cache,
+                    use_cache=True,
+                    cache=cache,
+                )
         hidden = self.language_model.norm(hidden[:, -1:, :])
         logits = self.lm_head(hidden)[:, 0, :]
-        present = [tensor for pair in cache.present for tensor in pair]
-        return (logits, *present)
+        new = [tensor for pair in cache.new for tensor in pair]
+        return (logits, *new)

@@ -15,7 +15,7 @@ import onnx
 import onnxruntime as ort
 from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
-from ..runtime.decoding import empty_past
+from ..runtime.kv_cache import KVCache
 
 PRECISIONS = {"int8": 8, "int4": 4}
 BLOCK_SIZE = 32
@@ -52,9 +52,8 @@ def measure_drift(reference: Path, quantized: Path, embed: np.ndarray, kv_cache:
         ids = rng.integers(0, len(embed), size=(1, DRIFT_PROMPT_LENGTH))
         feeds = {
             "inputs_embeds": np.asarray(embed[ids], dtype=embed.dtype),
-            "attention_mask": np.ones(ids.shape, np.int64),
             "position_ids": np.arange(DRIFT_PROMPT_LENGTH, dtype=np.int64)[None],
-            **empty_past(kv_cache, 1, embed.dtype),
+            **KVCache(kv_cache, 1, embed.dtype).feeds(np.zeros((1, 0), np.int64), np.ones(ids.shape, np.int64)),
         }
         fp32, low = (session.run(["logits"], feeds)[0][0].astype(np.float64) for session in sessions)
         cosines.append(float(fp32 @ low / (np.linalg.norm(fp32) * np.linalg.norm(low))))

@@ -67,8 +67,13 @@ class TinyDims:
     num_heads: int = 4
     num_kv_heads: int = 2
     max_position_embeddings: int = 1024
-    vocab_size: int = 400
+    vocab_size: int = 400  # the tokenizer's vocabulary (and the model's, unless model_vocab_size is set)
     seed: int = 0
+    # Real architectures (benchmark presets) differ from the tiny defaults in these; None keeps the tiny rule.
+    text_intermediate: int | None = None  # default 2 x text_hidden
+    vision_intermediate: int | None = None  # default 2 x vision_hidden
+    vision_heads: int = 2
+    model_vocab_size: int | None = None  # embedding rows beyond the tokenizer's, as real checkpoints pad theirs
 
 
 @dataclass(frozen=True)
@@ -131,9 +136,9 @@ def _fast_tokenizer(vocab_size: int, add_bos: bool, **special_tokens):
 def _text_dims(spec, tokenizer) -> dict:
     """Decoder dimensions shared by every tiny spec."""
     return dict(
-        vocab_size=len(tokenizer),
+        vocab_size=spec.model_vocab_size or len(tokenizer),
         hidden_size=spec.text_hidden,
-        intermediate_size=spec.text_hidden * 2,
+        intermediate_size=spec.text_intermediate or spec.text_hidden * 2,
         num_hidden_layers=spec.text_layers,
         num_attention_heads=spec.num_heads,
         num_key_value_heads=spec.num_kv_heads,
@@ -150,9 +155,9 @@ def _clip_vision_config(spec: TinyDims):
 
     return CLIPVisionConfig(
         hidden_size=spec.vision_hidden,
-        intermediate_size=spec.vision_hidden * 2,
+        intermediate_size=spec.vision_intermediate or spec.vision_hidden * 2,
         num_hidden_layers=spec.vision_layers,
-        num_attention_heads=2,
+        num_attention_heads=spec.vision_heads,
         image_size=spec.image_size,
         patch_size=spec.patch_size,
         projection_dim=spec.vision_hidden,
@@ -237,6 +242,9 @@ class TinyOnevisionSpec(TinyDims):
     vision_aspect_ratio: str = "anyres_max_4"
     vision_layers: int = 2
     max_position_embeddings: int = 4096
+    # Larger than the default 0.02: with tied embeddings and weak layers a random model only repeats the
+    # prompt's last token, whatever the image; stronger layers make the output depend on the input.
+    initializer_range: float = 0.2
 
 
 def build_tiny_onevision_checkpoint(out_dir: str | Path, spec: TinyOnevisionSpec = TinyOnevisionSpec()) -> Path:
@@ -257,15 +265,13 @@ def build_tiny_onevision_checkpoint(out_dir: str | Path, spec: TinyOnevisionSpec
     text_config = Qwen2Config(
         **_text_dims(spec, tokenizer),
         tie_word_embeddings=spec.tie_word_embeddings,
-        # Larger than the default 0.02: with tied embeddings and weak layers a random model only repeats the
-        # prompt's last token, whatever the image; stronger layers make the output depend on the input.
-        initializer_range=0.2,
+        initializer_range=spec.initializer_range,
     )
     vision_config = SiglipVisionConfig(
         hidden_size=spec.vision_hidden,
-        intermediate_size=spec.vision_hidden * 2,
+        intermediate_size=spec.vision_intermediate or spec.vision_hidden * 2,
         num_hidden_layers=spec.vision_layers,
-        num_attention_heads=2,
+        num_attention_heads=spec.vision_heads,
         image_size=spec.image_size,
         patch_size=spec.patch_size,
         vision_use_head=False,

@@ -8,7 +8,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from ..runtime.decoding import empty_past
+from ..runtime.kv_cache import KVCache, new_names
 
 # Max abs difference allowed between onnxruntime and PyTorch, per export dtype.
 TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2}
@@ -31,10 +31,11 @@ def verify_graph(path: Path, module, sample: torch.Tensor, input_name: str) -> t
 
 
 def verify_decoder(path: Path, model, kv_cache: dict[str, int], dtype: torch.dtype) -> float:
-    """Prefill a left-padded batch of two, then decode one token; compare last-token logits with transformers.
+    """Prefill a left-padded batch of two, then decode two tokens; compare last-token logits with transformers.
 
     The reference is the transformers language model with its own cache, not our wrapper, so this
-    also checks the mask, positions and KV cache plumbing of the exported graph.
+    also checks the mask, positions and KV cache plumbing of the exported graph: the decode steps run
+    through the runtime's preallocated `KVCache`, with unused capacity masked out as in a real run.
     """
     from transformers import DynamicCache
 
@@ -47,28 +48,26 @@ def verify_decoder(path: Path, model, kv_cache: dict[str, int], dtype: torch.dty
     mask = torch.ones(2, 6, dtype=torch.int64)
     mask[1, :2] = 0
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    past = empty_past(kv_cache, 2, embeds.numpy().dtype)
-    outputs = session.run(
-        None, {"inputs_embeds": embeds.numpy(), "attention_mask": mask.numpy(), "position_ids": positions.numpy(), **past}
-    )
-    cache = DynamicCache(config=language_model.config)
-    with torch.no_grad():
-        reference = language_model(
-            inputs_embeds=embeds, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
+    kv = KVCache(kv_cache, 2, embeds.numpy().dtype)
+    reference_cache = DynamicCache(config=language_model.config)
+    diffs = []
+    for step in range(3):
+        if step:
+            embeds = torch.randn(2, 1, hidden, generator=generator).to(dtype)
+            mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.int64)], dim=-1)
+            positions = positions[:, -1:] + 1
+        feeds = kv.feeds(mask[:, : kv.length].numpy(), mask[:, kv.length :].numpy())
+        outputs = dict(
+            zip(
+                [o.name for o in session.get_outputs()],
+                session.run(None, {"inputs_embeds": embeds.numpy(), "position_ids": positions.numpy(), **feeds}),
+            )
         )
-        expected = lm_head(reference.last_hidden_state[:, -1])
-    diff = _max_diff(outputs[0], expected)
-
-    step = torch.randn(2, 1, hidden, generator=generator).to(dtype)
-    mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.int64)], dim=-1)
-    positions = positions[:, -1:] + 1
-    present = dict(zip(past, outputs[1:]))
-    outputs = session.run(
-        None, {"inputs_embeds": step.numpy(), "attention_mask": mask.numpy(), "position_ids": positions.numpy(), **present}
-    )
-    with torch.no_grad():
-        reference = language_model(
-            inputs_embeds=step, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
-        )
-        expected = lm_head(reference.last_hidden_state[:, -1])
-    return max(diff, _max_diff(outputs[0], expected))
+        kv.reserve(mask.shape[1] + 4)  # spare slots, masked: the runtime's preallocated layout
+        kv.append({name: outputs[name] for name in new_names(kv_cache)})
+        with torch.no_grad():
+            reference = language_model(
+                inputs_embeds=embeds, attention_mask=mask, position_ids=positions, past_key_values=reference_cache, use_cache=True
+            )
+            diffs.append(_max_diff(outputs["logits"], lm_head(reference.last_hidden_state[:, -1])))
+    return max(diffs)

@@ -12,7 +12,7 @@ import numpy as np
 
 from .errors import BundleError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 
 
@@ -38,6 +38,11 @@ class Bundle:
 
     def graph_path(self, graph: str) -> Path:
         return self.file(self.manifest["graphs"][graph]["file"])
+
+    def graph_bytes(self, graph: str) -> int:
+        """Size of a graph with its external weights: about the bytes one run of it reads."""
+        entry = self.manifest["graphs"][graph]
+        return sum(self.file(entry[key]).stat().st_size for key in ("file", "external_data") if entry.get(key))
 
     def array(self, key: str) -> np.ndarray:
         """A numpy array of the bundle (`embed_tokens`, `image_newline`), memory-mapped."""

@@ -10,6 +10,7 @@ import numpy as np
 from .errors import InputError
 from .feature_cache import FeatureCache
 from .image_processing import ImageInput
+from .kv_cache import KVCache
 from .pipeline import DEFAULT_NUM_FRAMES, DecodingRun, GenerationResult, Pipeline
 from .sampling import SearchOptions
 from .video import VideoInput
@@ -45,12 +46,12 @@ class ChatSession:
         self.feature_cache = FeatureCache(feature_cache_mb) if feature_cache_mb > 0 else None
         self.reuse_kv_cache = reuse_kv_cache
         self._cached_ids = np.zeros(0, dtype=np.int64)
-        self._past: dict[str, np.ndarray] | None = None
+        self._cache: KVCache | None = None
 
     def reset(self) -> None:
         """Forget the turns (and the KV cache); keep the system message and the feature cache."""
         self.messages = [m for m in self.messages if m["role"] == "system"]
-        self._cached_ids, self._past = np.zeros(0, dtype=np.int64), None
+        self._cached_ids, self._cache = np.zeros(0, dtype=np.int64), None
 
     def _start(
         self,
@@ -75,10 +76,11 @@ class ChatSession:
             self.messages.pop()
             raise
         reuse = None
-        if self.reuse_kv_cache and self._past is not None:
+        if self.reuse_kv_cache and self._cache is not None:
             shared = min(_common_prefix(self._cached_ids, request.input_ids), len(request.input_ids) - 1)
             if shared > 0:
-                reuse = (shared, {name: value[:, :, :shared] for name, value in self._past.items()})
+                reuse = (shared, self._cache)
+                self._cached_ids = self._cached_ids[:shared]  # the run overwrites the cache after these
         return self.pipeline.run(
             [request], max_new_tokens=max_new_tokens, search=options, feature_cache=self.feature_cache, reuse=reuse
         )
@@ -88,7 +90,7 @@ class ChatSession:
         self.messages.append({"role": "assistant", "content": [{"type": "text", "text": result.text}]})
         fed = result.token_ids[:-1]  # the last token was chosen, never fed: it has no KV yet
         self._cached_ids = np.concatenate([run.requests[0].input_ids, np.array(fed, dtype=np.int64)])
-        self._past = run.generator.past
+        self._cache = run.generator.cache
         return result
 
     def send(self, text: str, **options) -> GenerationResult:

@@ -8,24 +8,16 @@ from collections.abc import Callable
 import numpy as np
 
 from .backends import Session
+from .kv_cache import KVCache, new_names
 from .sampling import SearchOptions, choose_tokens, process_logits
 
 
-def empty_past(kv_cache: dict[str, int], batch: int, dtype) -> dict[str, np.ndarray]:
-    """Zero-length `past_key_values.*` inputs for a prefill, shaped by the manifest's `kv_cache` entry."""
-    shape = (batch, kv_cache["num_kv_heads"], 0, kv_cache["head_dim"])
-    return {
-        f"past_key_values.{i}.{kv}": np.zeros(shape, dtype=dtype)
-        for i in range(kv_cache["num_layers"])
-        for kv in ("key", "value")
-    }
-
-
 class Generator:
-    """Prefill a left-padded batch (optionally after an existing KV cache), then one token per call.
+    """Prefill a left-padded batch (optionally after the tokens already in `cache`), then one token per call.
 
     Positions follow transformers' `generate`: `cumsum(attention_mask) - 1` (0 on padding), then +1 per step.
-    `attention_mask` covers the cached tokens and the new ones; `inputs_embeds` only the new ones.
+    `attention_mask` covers the cached tokens and the new ones; `inputs_embeds` only the new ones. After the
+    prefill the cache is given room for every token of the run, so decode steps only write into it.
     """
 
     def __init__(
@@ -34,7 +26,7 @@ class Generator:
         embed: Callable[[np.ndarray], np.ndarray],
         inputs_embeds: np.ndarray,
         attention_mask: np.ndarray,
-        past: dict[str, np.ndarray],
+        cache: KVCache,
         options: SearchOptions,
         prompt_ids: list[np.ndarray],
         eos_token_ids: list[int],
@@ -47,8 +39,8 @@ class Generator:
         self.attention_mask = attention_mask
         positions = np.maximum(np.cumsum(attention_mask, axis=-1) - 1, 0).astype(np.int64)
         self.positions = positions[:, -inputs_embeds.shape[1] :]
-        self._feeds = {"inputs_embeds": inputs_embeds, "attention_mask": attention_mask, "position_ids": self.positions, **past}
-        self.past = past
+        self.cache = cache
+        self._feeds = {"inputs_embeds": inputs_embeds, "position_ids": self.positions, **self._cache_feeds()}
         self.tokens: list[list[int]] = [[] for _ in range(len(attention_mask))]
         self.finished = np.zeros(len(attention_mask), dtype=bool)
         self.rng = np.random.default_rng(options.seed)
@@ -60,6 +52,10 @@ class Generator:
         longest = max(len(t) for t in self.tokens)
         return bool(self.finished.all()) or longest >= self.max_new_tokens or self.attention_mask.shape[1] + 1 > self.max_length
 
+    def _cache_feeds(self) -> dict[str, np.ndarray]:
+        cached = self.cache.length
+        return self.cache.feeds(self.attention_mask[:, :cached], self.attention_mask[:, cached:])
+
     def finish(self, row: int) -> None:
         """Stop a row (a stop string appeared); its tokens so far are kept."""
         self.finished[row] = True
@@ -69,23 +65,24 @@ class Generator:
         started = time.perf_counter()
         prefill = not any(self.tokens)
         outputs = self.decoder.run(self._feeds)
-        self.past = {name.replace("present", "past_key_values"): v for name, v in outputs.items() if name != "logits"}
+        if prefill:
+            self.cache.reserve(self.attention_mask.shape[1] + self.max_new_tokens)
+        self.cache.append({name: outputs[name] for name in new_names(self.cache.spec)})
         histories = []  # only the repetition penalty reads them
         if self.options.repetition_penalty != 1.0:
             histories = [np.concatenate([ids, np.array(t, dtype=np.int64)]) for ids, t in zip(self.prompt_ids, self.tokens)]
-        scores = process_logits(outputs["logits"], histories, self.options)
+        logits = outputs["logits"]
+        if max(len(t) for t in self.tokens) < self.options.min_new_tokens:
+            logits = logits.copy()
+            logits[:, self.eos] = -np.inf
+        scores = process_logits(logits, histories, self.options)
         next_tokens = choose_tokens(scores, self.options, self.rng)
         for row in np.flatnonzero(~self.finished):
             self.tokens[row].append(int(next_tokens[row]))
         self.finished |= np.isin(next_tokens, self.eos)
         self.attention_mask = np.concatenate([self.attention_mask, np.ones((len(next_tokens), 1), np.int64)], axis=1)
         self.positions = self.positions[:, -1:] + 1
-        self._feeds = {
-            "inputs_embeds": self.embed(next_tokens[:, None]),
-            "attention_mask": self.attention_mask,
-            "position_ids": self.positions,
-            **self.past,
-        }
+        self._feeds = {"inputs_embeds": self.embed(next_tokens[:, None]), "position_ids": self.positions, **self._cache_feeds()}
         elapsed = time.perf_counter() - started
         if prefill:
             self.prefill_s += elapsed

@@ -13,11 +13,12 @@ import numpy as np
 from .backends import open_session
 from .bundle import Bundle, load_bundle
 from .chat import ChatTemplate, media_items, normalize_messages, user_turn
-from .decoding import Generator, empty_past
+from .decoding import Generator
 from .detokenize import TextStream
 from .errors import BundleError, InputError
 from .feature_cache import FeatureCache
 from .image_processing import ImageInput
+from .kv_cache import KVCache
 from .media import Media, MediaProcessor
 from .sampling import SearchOptions
 from .tokenizer import Tokenizer
@@ -234,11 +235,12 @@ class Pipeline:
         max_new_tokens: int = 128,
         search: SearchOptions | None = None,
         feature_cache: FeatureCache | None = None,
-        reuse: tuple[int, dict[str, np.ndarray]] | None = None,
+        reuse: tuple[int, KVCache] | None = None,
     ) -> "DecodingRun":
         """Start decoding prepared requests: iterate the run for `(row, text piece)`, then read `run.results`.
 
-        `reuse = (n, past)` continues a single request whose first `n` tokens are already in the KV cache `past`.
+        `reuse = (n, cache)` continues a single request whose first `n` tokens are in the KV cache `cache`
+        (a previous run's `generator.cache`, which is then extended in place).
         """
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
@@ -323,7 +325,7 @@ class Pipeline:
 
 class DecodingRun:
     """One decoding run: iterate it for `(row, text piece)` pairs; afterwards `results` holds the answers and
-    `generator.past` the KV cache of every token fed."""
+    `generator.cache` the KV cache of every token fed."""
 
     def __init__(self, pipeline: Pipeline, requests, max_new_tokens, options, feature_cache, reuse):
         self.pipeline, self.requests, self.max_new_tokens = pipeline, requests, max_new_tokens
@@ -340,13 +342,14 @@ class DecodingRun:
         vision_s = time.perf_counter() - started
         embeds, mask = pipeline._inputs_embeds(self.requests, features)
         kv_cache = pipeline.manifest["graphs"]["decoder"]["kv_cache"]
-        reused, past = self.reuse or (0, empty_past(kv_cache, len(self.requests), embeds.dtype))
+        reused, cache = self.reuse or (0, KVCache(kv_cache, len(self.requests), embeds.dtype))
+        cache.truncate(reused)
         self.generator = generator = Generator(
             pipeline.sessions["decoder"],
             pipeline._embed,
             embeds[:, reused:],
             mask,
-            past,
+            cache,
             self.options,
             [r.input_ids for r in self.requests],
             pipeline.tokens["eos_token_ids"],

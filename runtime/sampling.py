@@ -25,6 +25,7 @@ class SearchOptions:
     min_p: float | None = None
     repetition_penalty: float | None = None
     seed: int | None = None
+    min_new_tokens: int = 0  # end-of-sequence tokens are not chosen before this many new tokens (as transformers')
     stop: tuple[str, ...] | str = ()  # one string or several
 
     def resolve(self, generation_config: dict[str, Any]) -> "SearchOptions":
@@ -56,6 +57,8 @@ class SearchOptions:
             raise InputError(f"min_p must be in [0, 1], got {self.min_p}")
         if not self.repetition_penalty > 0:
             raise InputError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if not isinstance(self.min_new_tokens, int) or self.min_new_tokens < 0:
+            raise InputError(f"min_new_tokens must be an integer >= 0, got {self.min_new_tokens!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise InputError("stop strings must be non-empty strings")
 

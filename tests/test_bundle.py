@@ -42,7 +42,7 @@ def test_graphs_use_standard_onnx_ops_and_named_axes(variant):
     assert shapes["inputs_embeds"][:2] == ["batch", "sequence"]
     assert shapes["attention_mask"] == ["batch", "total_sequence"]
     assert shapes["past_key_values.0.key"][0] == "batch" and shapes["past_key_values.0.key"][2] == "past_sequence"
-    assert shapes["present.0.key"][2] == "total_sequence"
+    assert shapes["new_key_values.0.key"][2] == "sequence"
     assert shapes["logits"] == ["batch", variant.model.config.text_config.vocab_size]
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import random_image
-from llava_rt.runtime.decoding import empty_past
+from llava_rt.runtime.kv_cache import KVCache
 
 MAX_NEW_TOKENS = 12
 
@@ -69,9 +69,9 @@ def test_prefill_logits_match_transformers(variant, pipelines):
     request = pipeline.prepare(conversation, images=[image])
     np.testing.assert_array_equal(request.input_ids, inputs["input_ids"][0].numpy())
     embeds, mask = pipeline._inputs_embeds([request], pipeline.media_features([request]))
-    past = empty_past(pipeline.manifest["graphs"]["decoder"]["kv_cache"], 1, np.float32)
+    cache = KVCache(pipeline.manifest["graphs"]["decoder"]["kv_cache"], 1, np.float32)
     positions = np.arange(embeds.shape[1], dtype=np.int64)[None]
     outputs = pipeline.sessions["decoder"].run(
-        {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": positions, **past}
+        {"inputs_embeds": embeds, "position_ids": positions, **cache.feeds(mask[:, :0], mask)}
     )
     assert np.abs(outputs["logits"][0] - expected).max() <= 1e-4

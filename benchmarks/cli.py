@@ -1,0 +1,221 @@
+"""`llava-bench`: transformers eager against llava-rt bundles on the same request, stage by stage.
+
+    llava-bench --preset llava-onevision-qwen2-0.5b-ov --precision fp32,int8,int4 --threads 2
+
+Builds the checkpoint (a preset at its true shapes with random weights) and exports one bundle per
+precision, both cached under `--workdir`; warms every side up, then runs them alternately `--repeats`
+times. Peak memory is measured with each side alone in a fresh process. Prints a Markdown table of
+medians with their spread and the bundle / transformers ratios; `--json` and `--chart` save them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..runtime.bundle import FORMAT_VERSION, MANIFEST_NAME
+from ..runtime.chat import user_turn
+from ..runtime.errors import LlavaRtError
+from .machine import measure_bandwidth
+from .presets import PRESETS
+from .report import REFERENCE, chart, ratios, summarize, table
+from .sides import BundleSide, Request, TransformersSide, synthetic_image
+
+DEFAULT_WORKDIR = Path.home() / ".cache" / "llava-rt" / "bench"
+PRECISIONS = ("fp32", "int8", "int4")
+
+
+class BenchError(LlavaRtError):
+    """Bad benchmark arguments."""
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _checkpoint(args) -> tuple[Path, Path, str]:
+    """The checkpoint to benchmark, the cache folder for its bundles, and a label."""
+    if args.checkpoint is not None:
+        path = Path(args.checkpoint).resolve()
+        if not path.is_dir():
+            raise BenchError(f"checkpoint directory not found: {path}")
+        key = f"{path.name}-{hashlib.sha256(str(path).encode()).hexdigest()[:8]}"
+        return path, args.workdir / key, path.name
+    preset = PRESETS[args.preset]
+    label = preset.name if args.layers is None else f"{preset.name}, {args.layers} decoder layers"
+    root = args.workdir / (preset.name if args.layers is None else f"{preset.name}-{args.layers}L")
+    path = root / "checkpoint"
+    if not (path / ".complete").is_file():
+        _log(f"building {label} with random weights in {path}")
+        preset.checkpoint(path, args.layers)
+        (path / ".complete").touch()
+    return path, root, label
+
+
+def _bundle(checkpoint: Path, root: Path, precision: str) -> Path:
+    """The cached bundle of `checkpoint` at `precision`, exported first if missing or from an older format."""
+    from ..export.exporter import export_bundle
+
+    path = root / f"bundle-{precision}"
+    manifest = path / MANIFEST_NAME
+    if manifest.is_file() and json.loads(manifest.read_text()).get("format_version") == FORMAT_VERSION:
+        return path
+    _log(f"exporting {checkpoint} -> {path}")
+    export_bundle(checkpoint, path, force=True, precision=None if precision == "fp32" else precision, log=_log)
+    return path
+
+
+def _request(bundle: Path, args) -> tuple[Request, int]:
+    """One image and a user prompt holding `--prompt-tokens` text tokens (image placeholder excluded), and the
+    prompt's length once the image's tokens are in."""
+    from ..runtime.pipeline import Pipeline
+
+    pipeline = Pipeline.load(bundle, verify_checksums=False)
+    image_token = pipeline.tokens["image_token"]
+
+    def text_tokens(words: int) -> tuple[str, int]:
+        prompt = pipeline.render(user_turn(" ".join(["the"] * words), 1))
+        return prompt, len(pipeline.tokenizer.encode(prompt)) - prompt.count(image_token)
+
+    words = args.prompt_tokens
+    prompt, count = text_tokens(words)
+    for _ in range(8):
+        if count == args.prompt_tokens or words < 1:
+            break
+        words = max(1, words + args.prompt_tokens - count)
+        prompt, count = text_tokens(words)
+    if count != args.prompt_tokens:
+        raise BenchError(f"could not build a prompt of {args.prompt_tokens} text tokens (closest: {count})")
+    image = synthetic_image(args.image_size)
+    input_tokens = len(pipeline.prepare(prompt=prompt, images=[image], apply_chat_template=False).input_ids)
+    return Request(image, prompt, args.new_tokens), input_tokens
+
+
+def _peak_memory(side: str, path: Path, request_file: Path, threads: int) -> int:
+    """Peak resident bytes of `side` answering the request alone in a fresh process."""
+    command = [sys.executable, "-m", "llava_rt.benchmarks.peak_memory", "--side", side, "--path", str(path)]
+    command += ["--request", str(request_file), "--threads", str(threads)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise BenchError(f"peak-memory run of {side} failed: {done.stderr.strip().splitlines()[-1:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])["peak_rss_bytes"]
+
+
+def run_benchmark(args) -> dict[str, Any]:
+    """Everything `llava-bench` measures, as one JSON-ready dict."""
+    checkpoint, root, label = _checkpoint(args)
+    bundles = {f"bundle-{p}": _bundle(checkpoint, root, p) for p in args.precision}
+    request, input_tokens = _request(next(iter(bundles.values())), args)
+    _log(f"loading the sides ({args.threads} threads)")
+    sides = [TransformersSide(checkpoint, args.threads)]
+    sides += [BundleSide(path, args.threads, name) for name, path in bundles.items()]
+    for side in sides:
+        _log(f"warming up {side.name}")
+        for _ in range(args.warmup):
+            side.run(request)
+    measured: dict[str, list] = {side.name: [] for side in sides}
+    for repeat in range(args.repeats):
+        _log(f"repeat {repeat + 1}/{args.repeats}")
+        for side in sides if repeat % 2 == 0 else reversed(sides):  # alternate, and alternate who goes first
+            measured[side.name].append(side.run(request))
+    bandwidth = measure_bandwidth(args.threads)
+    results: dict[str, dict[str, Any]] = {}
+    for side in sides:
+        runs = measured[side.name]
+        entry = {key: summarize([getattr(r, key) for r in runs]) for key in runs[0].__dataclass_fields__}
+        entry["weight_bytes_per_token"] = side.weight_bytes_per_token
+        entry["roofline_fraction"] = summarize([r.decode_tokens_per_s * side.weight_bytes_per_token / bandwidth for r in runs])
+        results[side.name] = entry
+    del sides
+    if args.memory:
+        request_file = root / "request.json"
+        spec = {"prompt": request.prompt, "image_size": args.image_size, "new_tokens": args.new_tokens}
+        request_file.write_text(json.dumps(spec))
+        for name, path in [(REFERENCE, checkpoint), *bundles.items()]:
+            _log(f"peak memory of {name} (separate process)")
+            results[name]["peak_rss_mb"] = summarize([_peak_memory(name, path, request_file, args.threads) / 2**20])
+    return {
+        "config": {
+            "label": label,
+            "checkpoint": str(checkpoint),
+            "image_size": args.image_size,
+            "prompt_tokens": args.prompt_tokens,
+            "input_tokens": input_tokens,
+            "new_tokens": args.new_tokens,
+            "threads": args.threads,
+            "repeats": args.repeats,
+            "warmup": args.warmup,
+        },
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "cpus": os.cpu_count(),
+            "bandwidth_gb_per_s": bandwidth / 1e9,
+        },
+        "sides": results,
+        "ratios": ratios(results),
+    }
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llava-bench", description=__doc__.split("\n\n")[0])
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="a LLaVA-NeXT / OneVision / NeXT-Video checkpoint directory")
+    source.add_argument("--preset", choices=sorted(PRESETS), help="a real architecture with random weights")
+    parser.add_argument("--layers", type=int, help="decoder depth of the preset (default: the real one)")
+    parser.add_argument("--precision", default="fp32", help="comma-separated bundle precisions (fp32, int8, int4)")
+    parser.add_argument("--image-size", type=int, default=384, help="side of the square test image (default 384)")
+    parser.add_argument("--prompt-tokens", type=int, default=512, help="text tokens in the prompt (default 512)")
+    parser.add_argument("--new-tokens", type=int, default=128, help="tokens generated, EOS ignored (default 128)")
+    parser.add_argument("--threads", type=int, default=2, help="threads for both sides (default 2)")
+    parser.add_argument("--repeats", type=int, default=3, help="measured runs per side (default 3)")
+    parser.add_argument("--warmup", type=int, default=1, help="unmeasured runs per side first (default 1)")
+    parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR, help="cache of checkpoints and bundles")
+    parser.add_argument("--json", type=Path, help="write every figure and ratio here")
+    parser.add_argument("--chart", type=Path, help="write a PNG chart of the ratios here")
+    parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory processes")
+    return parser
+
+
+def _validate(args) -> None:
+    args.precision = [p.strip() for p in args.precision.split(",") if p.strip()]
+    unknown = [p for p in args.precision if p not in PRECISIONS]
+    if unknown or not args.precision:
+        given = ",".join(unknown) or "none"
+        raise BenchError(f"--precision takes a comma-separated list of {', '.join(PRECISIONS)}, got {given}")
+    if args.layers is not None and (args.checkpoint is not None or args.layers < 1):
+        raise BenchError("--layers takes a positive depth and only applies to --preset")
+    for name in ("image_size", "prompt_tokens", "new_tokens", "threads", "repeats"):
+        if getattr(args, name) < 1:
+            raise BenchError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.new_tokens < 2:
+        raise BenchError("--new-tokens must be at least 2 (decode speed is measured after the first token)")
+    if args.warmup < 0:
+        raise BenchError("--warmup must be at least 0")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        _validate(args)
+        result = run_benchmark(args)
+    except LlavaRtError as exc:
+        print(f"llava-bench: error: {exc}", file=sys.stderr)
+        return 2
+    print(table(result))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    if args.chart:
+        chart(result, args.chart)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,55 @@
+"""What the machine allows: streaming-read memory bandwidth (the ceiling of batch-1 decode) and peak memory."""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+BANDWIDTH_BUFFER_BYTES = 1 << 30  # far larger than any last-level cache
+
+
+def _reduce_sum_session(threads: int):
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("ReduceSum", ["x"], ["y"], keepdims=0)],
+        "stream_read",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=8)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def measure_bandwidth(threads: int, repeats: int = 5, nbytes: int = BANDWIDTH_BUFFER_BYTES) -> float:
+    """Bytes per second of a streaming read (a sum over a 1 GiB buffer) with `threads` threads; the best of `repeats`."""
+    session = _reduce_sum_session(threads)
+    buffer = np.ones(nbytes // 4, dtype=np.float32)
+    session.run(None, {"x": buffer})  # fault the pages in
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        session.run(None, {"x": buffer})
+        best = min(best, time.perf_counter() - started)
+    return buffer.nbytes / best
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size so far.
+
+    On Linux this is `VmHWM`: `ru_maxrss` would also count the parent's memory at fork time.
+    """
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB

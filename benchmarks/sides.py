@@ -1,0 +1,132 @@
+"""The two things compared: transformers eager and a llava-rt bundle, behind one `run(request)` interface.
+
+Each run answers the same request (one image, a rendered prompt, a fixed number of new tokens with
+end-of-sequence suppressed) and returns wall-clock stage times. Time to first token runs from the raw
+image and prompt to the first new token (preprocessing, vision, prefill); decode speed is the new
+tokens after the first over the time between the first and the last.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+@dataclass(frozen=True)
+class Request:
+    """What both sides answer."""
+
+    image: Image.Image
+    prompt: str  # rendered with the chat template, one image placeholder
+    new_tokens: int
+
+
+@dataclass(frozen=True)
+class StageTimes:
+    preprocess_ms: float
+    vision_ms: float
+    ttft_ms: float
+    decode_tokens_per_s: float
+
+    @staticmethod
+    def from_stamps(preprocess_ms: float, vision_ms: float, ttft_ms: float, stamps: list[float]) -> "StageTimes":
+        """Stage times, decode speed from the time each new token arrived."""
+        decode_s = stamps[-1] - stamps[0]
+        return StageTimes(preprocess_ms, vision_ms, ttft_ms, (len(stamps) - 1) / decode_s if decode_s > 0 else 0.0)
+
+
+class TransformersSide:
+    """The checkpoint run by transformers in eager mode (fp32, `threads` torch threads)."""
+
+    def __init__(self, checkpoint: Path, threads: int):
+        import torch
+        from transformers import AutoProcessor
+
+        from ..export.checkpoint import load_model, read_checkpoint
+
+        torch.set_num_threads(threads)
+        self.name = "transformers"
+        self.torch = torch
+        self.processor = AutoProcessor.from_pretrained(checkpoint, local_files_only=True)
+        self.model = load_model(read_checkpoint(checkpoint), torch.float32)
+        language_model = self.model.model.language_model
+        # Per token the decoder reads every weight but the embedding table (one row of it), and lm_head (tied or not).
+        self.weight_bytes_per_token = (
+            sum(p.nbytes for p in language_model.parameters())
+            - self.model.get_input_embeddings().weight.nbytes
+            + self.model.lm_head.weight.nbytes
+        )
+
+    def run(self, request: Request) -> StageTimes:
+        from transformers.generation.streamers import BaseStreamer
+
+        stamps: list[float] = []
+
+        class Stamps(BaseStreamer):
+            def put(self, value):
+                stamps.append(time.perf_counter())
+
+            def end(self):
+                pass
+
+        started = time.perf_counter()
+        inputs = self.processor(images=[request.image], text=request.prompt, return_tensors="pt")
+        preprocess_ms = (time.perf_counter() - started) * 1e3
+        with self.torch.inference_mode():
+            vision_started = time.perf_counter()
+            self.model.model.get_image_features(pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"])
+            vision_ms = (time.perf_counter() - vision_started) * 1e3
+            generate_started = time.perf_counter()
+            self.model.generate(
+                **inputs,
+                max_new_tokens=request.new_tokens,
+                min_new_tokens=request.new_tokens,
+                do_sample=False,
+                streamer=Stamps(),
+            )
+        new_token_stamps = stamps[1:]  # the streamer is first handed the prompt
+        # Time to first token: preprocessing plus generate's own vision, prefill and first choice (not the vision run above).
+        ttft_ms = preprocess_ms + (new_token_stamps[0] - generate_started) * 1e3
+        return StageTimes.from_stamps(preprocess_ms, vision_ms, ttft_ms, new_token_stamps)
+
+
+class BundleSide:
+    """A bundle run by the llava-rt runtime (onnxruntime, `threads` intra-op threads)."""
+
+    def __init__(self, bundle: Path, threads: int, name: str):
+        from ..runtime.pipeline import Pipeline
+
+        self.name = name
+        self.pipeline = Pipeline.load(bundle, threads=threads)
+        self.weight_bytes_per_token = self.pipeline.bundle.graph_bytes("decoder")
+
+    def run(self, request: Request) -> StageTimes:
+        stamps: list[float] = []
+        started = time.perf_counter()
+        run = self.pipeline.start(
+            prompt=request.prompt,
+            images=[request.image],
+            apply_chat_template=False,
+            max_new_tokens=request.new_tokens,
+            min_new_tokens=request.new_tokens,
+            do_sample=False,
+        )
+        previous = 0
+        for _ in run:
+            tokens = len(run.generator.tokens[0])
+            if tokens > previous:
+                stamps.append(time.perf_counter())
+                previous = tokens
+        timings = run.results[0].timings_ms
+        return StageTimes.from_stamps(timings["preprocess"], timings["vision"], (stamps[0] - started) * 1e3, stamps)
+
+
+def synthetic_image(size: int, seed: int = 0) -> Image.Image:
+    """A smooth random RGB image (the content does not change the work done)."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.integers(0, 256, size=(8, 8, 3), dtype=np.uint8)
+    return Image.fromarray(coarse).resize((size, size), Image.Resampling.BILINEAR)
