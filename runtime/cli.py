@@ -47,6 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--threads", type=int, default=None, metavar="N", help="onnxruntime intra-op threads (default: all cores)"
     )
+    parser.add_argument(
+        "--cache-optimized-graphs",
+        action="store_true",
+        help="keep onnxruntime's optimized graphs in the bundle's .ort-cache/ so later loads are faster",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object with the prompt, ids, text and timings")
     return parser
 
@@ -109,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
             raise LlavaRtError("--prompt is required (or use --interactive)")
         from .pipeline import Pipeline
 
-        pipeline = Pipeline.load(args.bundle, threads=args.threads)
+        pipeline = Pipeline.load(args.bundle, threads=args.threads, cache_optimized_graphs=args.cache_optimized_graphs)
         search = _search_options(args)
         pipeline.search_options(**search)  # validate before any work
         if args.interactive:

@@ -29,7 +29,7 @@ def test_bench_runs_both_sides_and_reports_every_figure(onevision, tmp_path, cap
         assert side["weight_bytes_per_token"] > 0
     assert result["sides"]["bundle-int8"]["weight_bytes_per_token"] < result["sides"]["bundle-fp32"]["weight_bytes_per_token"]
     for name in ("bundle-fp32", "bundle-int8"):
-        assert set(result["ratios"][name]) == set(STAGES)
+        assert set(result["ratios"][name]) == set(STAGES) - {"roofline_fraction"}
     assert result["machine"]["bandwidth_gb_per_s"] > 0
     assert result["config"]["input_tokens"] > 32
     table = capsys.readouterr().out
