@@ -133,7 +133,7 @@ def run_benchmark(args) -> dict[str, Any]:
         entry["weight_bytes_per_token"] = side.weight_bytes_per_token
         entry["roofline_fraction"] = summarize([r.decode_tokens_per_s * side.weight_bytes_per_token / bandwidth for r in runs])
         results[side.name] = entry
-    del sides
+    del sides, side  # free both sides before the memory runs start their own copies
     if args.memory:
         request_file = root / "request.json"
         spec = {"prompt": request.prompt, "image_size": args.image_size, "new_tokens": args.new_tokens}

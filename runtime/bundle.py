@@ -13,7 +13,6 @@ import numpy as np
 from .errors import BundleError
 
 FORMAT_VERSION = 2
-OPTIMIZED_CACHE_DIR = ".ort-cache"
 MANIFEST_NAME = "manifest.json"
 
 
@@ -39,13 +38,6 @@ class Bundle:
 
     def graph_path(self, graph: str) -> Path:
         return self.file(self.manifest["graphs"][graph]["file"])
-
-    def optimized_graph_path(self, graph: str, runtime_version: str) -> Path:
-        """Where onnxruntime's optimized copy of a graph is cached: `.ort-cache/` in the bundle, keyed by the
-        graph's checksum and the onnxruntime version (a new export or upgrade misses the old entry)."""
-        entry = self.manifest["graphs"][graph]
-        digest = self.manifest["files"][entry["file"]]["sha256"][:16]
-        return self.path / OPTIMIZED_CACHE_DIR / f"{Path(entry['file']).stem}.{digest}.ort-{runtime_version}.onnx"
 
     def graph_bytes(self, graph: str) -> int:
         """Size of a graph with its external weights: about the bytes one run of it reads."""

@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     search.add_argument("--min-p", type=float, metavar="P", help="drop tokens less likely than P x the most likely one")
     search.add_argument("--repetition-penalty", type=float, metavar="R", help="penalize tokens already in the sequence (1: off)")
+    search.add_argument("--min-new-tokens", type=int, metavar="N", help="hold end-of-sequence back until N new tokens")
     search.add_argument("--seed", type=int, metavar="N", help="random seed: the same seed reproduces a sampled answer")
     search.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop before this text; repeatable")
     parser.add_argument("--stream", action="store_true", help="print the answer as it is generated")
@@ -47,17 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--threads", type=int, default=None, metavar="N", help="onnxruntime intra-op threads (default: all cores)"
     )
-    parser.add_argument(
-        "--cache-optimized-graphs",
-        action="store_true",
-        help="keep onnxruntime's optimized graphs in the bundle's .ort-cache/ so later loads are faster",
-    )
     parser.add_argument("--json", action="store_true", help="print one JSON object with the prompt, ids, text and timings")
     return parser
 
 
 def _search_options(args) -> dict:
-    keys = ("do_sample", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed")
+    keys = ("do_sample", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "min_new_tokens", "seed")
     options = {key: getattr(args, key) for key in keys if getattr(args, key) is not None}
     if args.stop:
         options["stop"] = tuple(args.stop)
@@ -114,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
             raise LlavaRtError("--prompt is required (or use --interactive)")
         from .pipeline import Pipeline
 
-        pipeline = Pipeline.load(args.bundle, threads=args.threads, cache_optimized_graphs=args.cache_optimized_graphs)
+        pipeline = Pipeline.load(args.bundle, threads=args.threads)
         search = _search_options(args)
         pipeline.search_options(**search)  # validate before any work
         if args.interactive:

@@ -55,21 +55,11 @@ class PreparedRequest:
 class Pipeline:
     """Runs a bundle: preprocessing, vision, projector, packing, then greedy or sampled decoding with the KV cache."""
 
-    def __init__(
-        self, bundle: Bundle, backend: str = "onnxruntime", threads: int | None = None, cache_optimized_graphs: bool = False
-    ):
+    def __init__(self, bundle: Bundle, backend: str = "onnxruntime", threads: int | None = None):
         manifest = bundle.manifest
         self.bundle = bundle
         self.manifest = manifest
-        self.sessions = {
-            name: open_session(
-                bundle.graph_path(name),
-                backend,
-                threads=threads,
-                optimized_path=_optimized_path(bundle, name) if cache_optimized_graphs else None,
-            )
-            for name in manifest["graphs"]
-        }
+        self.sessions = {name: open_session(bundle.graph_path(name), backend, threads=threads) for name in manifest["graphs"]}
         self.tokenizer = Tokenizer(bundle.file(manifest["tokenizer"]))
         template_file = manifest.get("chat_template")
         self.chat_template = (
@@ -86,18 +76,11 @@ class Pipeline:
 
     @classmethod
     def load(
-        cls,
-        path: str | Path,
-        backend: str = "onnxruntime",
-        threads: int | None = None,
-        verify_checksums: bool = True,
-        cache_optimized_graphs: bool = False,
+        cls, path: str | Path, backend: str = "onnxruntime", threads: int | None = None, verify_checksums: bool = True
     ) -> "Pipeline":
         """Load a bundle directory (checksums verified unless told otherwise). `threads`: intra-op threads per
-        graph (default: one per physical core). `cache_optimized_graphs`: keep onnxruntime's optimized graphs in
-        the bundle's `.ort-cache/` so later loads are faster (costs about the graphs' size on disk)."""
-        bundle = load_bundle(path, verify_checksums=verify_checksums)
-        return cls(bundle, backend=backend, threads=threads, cache_optimized_graphs=cache_optimized_graphs)
+        graph (default: one per physical core)."""
+        return cls(load_bundle(path, verify_checksums=verify_checksums), backend=backend, threads=threads)
 
     # ---- request preparation -------------------------------------------------------------------------
 
@@ -339,18 +322,6 @@ class Pipeline:
         run = self.run(requests, max_new_tokens=max_new_tokens, search=options)
         run.preprocess_s = time.perf_counter() - started
         return run
-
-
-def _optimized_path(bundle: Bundle, graph: str) -> Path:
-    """The cache entry of a graph's optimized copy, its folder created (a clear error if it cannot be)."""
-    import onnxruntime
-
-    path = bundle.optimized_graph_path(graph, onnxruntime.__version__)
-    try:
-        path.parent.mkdir(exist_ok=True)
-    except OSError as exc:
-        raise BundleError(f"cannot create the optimized-graph cache {path.parent}: {exc.strerror}") from None
-    return path
 
 
 class DecodingRun:

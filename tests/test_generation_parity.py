@@ -75,3 +75,15 @@ def test_prefill_logits_match_transformers(variant, pipelines):
         {"inputs_embeds": embeds, "position_ids": positions, **cache.feeds(mask[:, :0], mask)}
     )
     assert np.abs(outputs["logits"][0] - expected).max() <= 1e-4
+
+
+def test_min_new_tokens_equals_transformers(variant, pipelines):
+    """EOS held back for `min_new_tokens` tokens, as transformers' `MinNewTokensLengthLogitsProcessor` does."""
+    conversation = user("Hello world! Explain the diagram.")
+    processor, model = variant.processor, variant.model
+    inputs = processor(text=[processor.apply_chat_template(conversation, add_generation_prompt=True)], return_tensors="pt")
+    with torch.no_grad():
+        output = model.generate(**inputs, do_sample=False, max_new_tokens=MAX_NEW_TOKENS, min_new_tokens=MAX_NEW_TOKENS)
+    expected = output[0, inputs["input_ids"].shape[1] :].tolist()
+    result = pipelines[variant.name].generate(conversation, max_new_tokens=MAX_NEW_TOKENS, min_new_tokens=MAX_NEW_TOKENS)
+    assert result.token_ids == expected and len(expected) == MAX_NEW_TOKENS
