@@ -1,1 +1,1 @@
-"""Side-by-side benchmarks against transformers (``llava-bench``, issue 6); nothing here yet."""
+"""`llava-bench`: transformers against llava-rt bundles, stage by stage (presets, sides, machine limits, report)."""
