@@ -72,12 +72,9 @@ def _bundle(checkpoint: Path, root: Path, precision: str) -> Path:
     return path
 
 
-def _request(bundle: Path, args) -> tuple[Request, int]:
+def _request(pipeline, args) -> tuple[Request, int]:
     """One image and a user prompt holding `--prompt-tokens` text tokens (image placeholder excluded), and the
-    prompt's length once the image's tokens are in."""
-    from ..runtime.pipeline import Pipeline
-
-    pipeline = Pipeline.load(bundle, verify_checksums=False)
+    prompt's length once the image's tokens are in; rendered and tokenized by a loaded bundle's `pipeline`."""
     image_token = pipeline.tokens["image_token"]
 
     def text_tokens(words: int) -> tuple[str, int]:
@@ -112,10 +109,10 @@ def run_benchmark(args) -> dict[str, Any]:
     """Everything `llava-bench` measures, as one JSON-ready dict."""
     checkpoint, root, label = _checkpoint(args)
     bundles = {f"bundle-{p}": _bundle(checkpoint, root, p) for p in args.precision}
-    request, input_tokens = _request(next(iter(bundles.values())), args)
     _log(f"loading the sides ({args.threads} threads)")
     sides = [TransformersSide(checkpoint, args.threads)]
     sides += [BundleSide(path, args.threads, name) for name, path in bundles.items()]
+    request, input_tokens = _request(sides[1].pipeline, args)
     for side in sides:
         _log(f"warming up {side.name}")
         for _ in range(args.warmup):
