@@ -6,7 +6,9 @@ transformers computes; only the KV cache plumbing and the attention mask are our
 
 from __future__ import annotations
 
+import inspect
 from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 from torch import nn
@@ -52,6 +54,10 @@ class VideoPooler(nn.Module):
 
 
 SPLIT_CACHE_ATTENTION = "llava_rt_split_cache"
+# The cache of the decoder forward being traced. The attention function reads its past from here rather than
+# from its arguments: which keyword carries the cache to the attention function changes between transformers
+# releases (5.24 stopped passing it on at all).
+_ACTIVE_CACHE: ContextVar["_TensorCache"] = ContextVar("llava_rt_active_cache")
 
 
 class _TensorCache:
@@ -67,7 +73,7 @@ class _TensorCache:
         return key_states, value_states
 
 
-def split_cache_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, cache=None, **kwargs):
+def split_cache_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
     """transformers' eager attention over `[past keys; new keys]` without building that concatenation.
 
     The past (a preallocated buffer the runtime owns, unused slots masked) is only read: scores against
@@ -75,7 +81,7 @@ def split_cache_attention(module, query, key, value, attention_mask, scaling, dr
     Query heads sharing a KV head are folded into one matmul, so the KV heads are never repeated either.
     Returns `[B, S, heads, D]` like `eager_attention_forward`.
     """
-    past_key, past_value = cache.past[module.layer_idx]
+    past_key, past_value = _ACTIVE_CACHE.get().past[module.layer_idx]
     batch, heads, length, dim = query.shape
     kv_heads = key.shape[1]
     grouped = query.reshape(batch, kv_heads, (heads // kv_heads) * length, dim)
@@ -95,14 +101,22 @@ def _register_split_cache_attention() -> None:
 
 
 @contextmanager
-def _attention_implementation(config, name: str):
-    """Run the language model's attention layers with `name` (set on the config, restored afterwards)."""
+def _split_cache_attention(config, cache: _TensorCache):
+    """Run the language model's attention layers with `split_cache_attention` over `cache` (the config's
+    attention implementation is restored afterwards)."""
     previous = config._attn_implementation_internal
-    config._attn_implementation_internal = name
+    config._attn_implementation_internal = SPLIT_CACHE_ATTENTION
+    token = _ACTIVE_CACHE.set(cache)
     try:
         yield
     finally:
+        _ACTIVE_CACHE.reset(token)
         config._attn_implementation_internal = previous
+
+
+def cache_keyword(module: nn.Module) -> str:
+    """The keyword a decoder layer or model takes its cache by: `cache` from transformers 5.24, `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
 
 
 def attention_bias(attention_mask: torch.Tensor, position_ids: torch.Tensor, sliding_window: int | None, dtype) -> torch.Tensor:
@@ -161,16 +175,15 @@ class DecoderWithCache(nn.Module):
         }
         hidden = inputs_embeds
         position_embeddings = self.language_model.rotary_emb(hidden, position_ids=position_ids)
-        with _attention_implementation(self.language_model.config, SPLIT_CACHE_ATTENTION):
+        with _split_cache_attention(self.language_model.config, cache):
             for layer, window in zip(self.language_model.layers, self.windows):
                 hidden = layer(
                     hidden,
                     attention_mask=biases[window],
                     position_embeddings=position_embeddings,
                     position_ids=position_ids,
-                    past_key_values=cache,
                     use_cache=True,
-                    cache=cache,
+                    **{cache_keyword(layer): cache},
                 )
         hidden = self.language_model.norm(hidden[:, -1:, :])
         logits = self.lm_head(hidden)[:, 0, :]

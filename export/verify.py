@@ -9,6 +9,7 @@ import onnxruntime as ort
 import torch
 
 from ..runtime.kv_cache import KVCache, new_names
+from .graphs import cache_keyword
 
 # Max abs difference allowed between onnxruntime and PyTorch, per export dtype.
 TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2}
@@ -67,7 +68,11 @@ def verify_decoder(path: Path, model, kv_cache: dict[str, int], dtype: torch.dty
         kv.append({name: outputs[name] for name in new_names(kv_cache)})
         with torch.no_grad():
             reference = language_model(
-                inputs_embeds=embeds, attention_mask=mask, position_ids=positions, past_key_values=reference_cache, use_cache=True
+                inputs_embeds=embeds,
+                attention_mask=mask,
+                position_ids=positions,
+                use_cache=True,
+                **{cache_keyword(language_model): reference_cache},
             )
             diffs.append(_max_diff(outputs["logits"], lm_head(reference.last_hidden_state[:, -1])))
     return max(diffs)
