@@ -6,9 +6,10 @@ print(pipe.generate(prompt="What is shown here?", images=["cat.png"]).text)
 """
 
 from .bundle import Bundle, load_bundle
-from .chat_session import ChatSession
+from .chat_session import ChatSession, ChatTurn
 from .errors import BackendUnavailable, BundleError, CheckpointError, ExportError, InputError, LlavaRtError
 from .pipeline import GenerationResult, Pipeline
+from .request import Request
 from .sampling import SearchOptions
 
 __all__ = [
@@ -16,12 +17,14 @@ __all__ = [
     "Bundle",
     "BundleError",
     "ChatSession",
+    "ChatTurn",
     "CheckpointError",
     "ExportError",
     "GenerationResult",
     "InputError",
     "LlavaRtError",
     "Pipeline",
+    "Request",
     "SearchOptions",
     "load_bundle",
 ]

@@ -16,8 +16,10 @@ class Generator:
     """Prefill a left-padded batch (optionally after the tokens already in `cache`), then one token per call.
 
     Positions follow transformers' `generate`: `cumsum(attention_mask) - 1` (0 on padding), then +1 per step.
-    `attention_mask` covers the cached tokens and the new ones; `inputs_embeds` only the new ones. After the
-    prefill the cache is given room for every token of the run, so decode steps only write into it.
+    `attention_mask` covers the cached tokens and the new ones; `inputs_embeds` only the new ones. At most
+    `max_new_tokens` tokens are generated, and never more than the context leaves (`max_length` minus the
+    prompt, as transformers stops). After the prefill the cache is given room for every token the run may
+    generate, so decode steps only write into it.
     """
 
     def __init__(
@@ -34,7 +36,10 @@ class Generator:
         max_length: int,
     ):
         self.decoder, self.embed, self.options = decoder, embed, options
-        self.prompt_ids, self.max_new_tokens, self.max_length = prompt_ids, max_new_tokens, max_length
+        self.prompt_ids, self.max_length = prompt_ids, max_length
+        room = max_length - attention_mask.shape[1]
+        self.context_limited = max_new_tokens > room  # the context, not max_new_tokens, ends the run
+        self.max_new_tokens = min(max_new_tokens, room)
         self.eos = np.array(eos_token_ids, dtype=np.int64)
         self.attention_mask = attention_mask
         positions = np.maximum(np.cumsum(attention_mask, axis=-1) - 1, 0).astype(np.int64)
@@ -42,15 +47,23 @@ class Generator:
         self.cache = cache
         self._feeds = {"inputs_embeds": inputs_embeds, "position_ids": self.positions, **self._cache_feeds()}
         self.tokens: list[list[int]] = [[] for _ in range(len(attention_mask))]
-        self.finished = np.zeros(len(attention_mask), dtype=bool)
+        self.finished = np.zeros(len(attention_mask), dtype=bool)  # ended by end-of-sequence or a stop string
         self.rng = np.random.default_rng(options.seed)
         self.prefill_s = self.decode_s = 0.0
         self.decode_steps = 0
 
     @property
     def is_done(self) -> bool:
-        longest = max(len(t) for t in self.tokens)
-        return bool(self.finished.all()) or longest >= self.max_new_tokens or self.attention_mask.shape[1] + 1 > self.max_length
+        return bool(self.finished.all()) or max(len(t) for t in self.tokens) >= self.max_new_tokens
+
+    @property
+    def context_full(self) -> bool:
+        """Some row was cut by the model's context (rather than by max_new_tokens or a stop)."""
+        return self.context_limited and not self.finished.all() and max(len(t) for t in self.tokens) >= self.max_new_tokens
+
+    def finish_reason(self, row: int) -> str:
+        """ "stop" (end-of-sequence or a stop string) or "length" (max_new_tokens, the context, or not finished)."""
+        return "stop" if self.finished[row] else "length"
 
     def _cache_feeds(self) -> dict[str, np.ndarray]:
         cached = self.cache.length

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 from dataclasses import asdict, dataclass, field
@@ -12,7 +13,8 @@ import numpy as np
 
 from .backends import open_session
 from .bundle import Bundle, load_bundle
-from .chat import ChatTemplate, media_items, normalize_messages, user_turn
+from .chat import ChatTemplate, normalize_messages, user_turn
+from .console import progress
 from .decoding import Generator
 from .detokenize import TextStream
 from .errors import BundleError, InputError
@@ -20,11 +22,13 @@ from .feature_cache import FeatureCache
 from .image_processing import ImageInput
 from .kv_cache import KVCache
 from .media import Media, MediaProcessor
+from .request import Request
 from .sampling import SearchOptions
 from .tokenizer import Tokenizer
 from .video import VideoInput
 
-DEFAULT_NUM_FRAMES = 8
+logger = logging.getLogger("llava_rt")
+VISION_BATCH = 16  # tiles or frames per vision call: bounds its activations, and steps the CLI's progress bar
 
 
 @dataclass
@@ -35,6 +39,8 @@ class GenerationResult:
     token_ids: list[int]
     prompt: str
     input_tokens: int
+    # "stop": end-of-sequence or a stop string; "length": max_new_tokens or the context; "abort": ended by the caller
+    finish_reason: str = "stop"
     timings_ms: dict[str, float] = field(default_factory=dict)
     tokens_per_s: float = 0.0
     reused_tokens: int = 0  # prompt tokens whose KV cache came from an earlier turn (chat sessions)
@@ -53,18 +59,21 @@ class PreparedRequest:
 
 
 class Pipeline:
-    """Runs a bundle: preprocessing, vision, projector, packing, then greedy or sampled decoding with the KV cache."""
+    """Runs a bundle: preprocessing, vision, projector, packing, then greedy or sampled decoding with the KV cache.
+
+    One pipeline may serve several threads at once: each call has its own decoding state, and onnxruntime
+    sessions, the tokenizer and the chat template are safe to share.
+    """
+
+    show_progress = False  # a progress bar over vision batches on a terminal (the CLI sets it)
 
     def __init__(self, bundle: Bundle, backend: str = "onnxruntime", threads: int | None = None):
         manifest = bundle.manifest
         self.bundle = bundle
         self.manifest = manifest
-        self.sessions = {name: open_session(bundle.graph_path(name), backend, threads=threads) for name in manifest["graphs"]}
-        self.tokenizer = Tokenizer(bundle.file(manifest["tokenizer"]))
-        template_file = manifest.get("chat_template")
-        self.chat_template = (
-            ChatTemplate(bundle.file(template_file).read_text(), manifest["tokens"]["special_tokens"]) if template_file else None
-        )
+        self.sessions = {name: bundle.session(name, backend, threads=threads) for name in manifest["graphs"]}
+        self.tokenizer = bundle.tokenizer()
+        self.chat_template = bundle.chat_template()
         self.embed_tokens = bundle.array("embed_tokens")
         self.media = MediaProcessor(manifest, np.asarray(bundle.array("image_newline")))
         self.tokens = manifest["tokens"]
@@ -75,12 +84,11 @@ class Pipeline:
         self.max_length = manifest["text"]["max_position_embeddings"]
 
     @classmethod
-    def load(
-        cls, path: str | Path, backend: str = "onnxruntime", threads: int | None = None, verify_checksums: bool = True
-    ) -> "Pipeline":
-        """Load a bundle directory (checksums verified unless told otherwise). `threads`: intra-op threads per
-        graph (default: one per physical core)."""
-        return cls(load_bundle(path, verify_checksums=verify_checksums), backend=backend, threads=threads)
+    def load(cls, path: str | Path, backend: str = "onnxruntime", threads: int | None = None, verify: str = "auto") -> "Pipeline":
+        """Load a bundle directory. `verify`: "auto" re-hashes only the files changed since this user last verified
+        them, "full" re-hashes every file (see `load_bundle`). `threads`: intra-op threads per graph (default: one
+        per physical core)."""
+        return cls(load_bundle(path, verify=verify), backend=backend, threads=threads)
 
     # ---- request preparation -------------------------------------------------------------------------
 
@@ -89,20 +97,6 @@ class Pipeline:
         if self.chat_template is None:
             raise InputError("this bundle has no chat template; pass a pre-formatted prompt with apply_chat_template=False")
         return self.chat_template.render(normalize_messages(messages), add_generation_prompt)
-
-    def _collect_media(self, messages: list[dict[str, Any]], kind: str, given: Sequence[Any]) -> list[Any]:
-        """The images (or videos) of a conversation: carried by its items, else taken in order from `given`."""
-        items = media_items(messages, kind)
-        embedded = [item.get(kind, item.get("path", item.get("url"))) for item in items]
-        if any(source is not None for source in embedded):
-            if given:
-                raise InputError(f"give {kind}s either inside the messages or as {kind}s=, not both")
-            if any(source is None for source in embedded):
-                raise InputError(f"some {kind} items carry a {kind} and some do not")
-            return embedded
-        if len(items) != len(given):
-            raise InputError(f"the messages have {len(items)} {kind} placeholders but {len(given)} {kind}s were given")
-        return list(given)
 
     def _prepare(self, text: str, images: Sequence[ImageInput], videos: Sequence[VideoInput], num_frames: int) -> PreparedRequest:
         """Expand each placeholder of the rendered prompt to its token count, tokenize, check the context length."""
@@ -129,41 +123,32 @@ class Pipeline:
             expected = sum(m.num_tokens for m in media if m.kind == kind)
             if int((input_ids == self.tokens[f"{kind}_token_id"]).sum()) != expected:
                 raise BundleError(f"the tokenizer does not encode {self.tokens[f'{kind}_token']} as the {kind} token id")
-        if len(input_ids) > self.max_length:
-            raise InputError(f"the prompt is {len(input_ids)} tokens, longer than the model's context of {self.max_length}")
+        if len(input_ids) >= self.max_length:
+            raise InputError(
+                f"the prompt is {len(input_ids)} tokens, which leaves no room to answer within the model's context "
+                f"of {self.max_length}"
+            )
         return PreparedRequest(prompt=text, input_ids=input_ids, media=media)
 
-    def prepare(
-        self,
-        messages: list[dict[str, Any]] | None = None,
-        *,
-        prompt: str | None = None,
-        images: Sequence[ImageInput] = (),
-        videos: Sequence[VideoInput] = (),
-        num_frames: int = DEFAULT_NUM_FRAMES,
-        apply_chat_template: bool = True,
-    ) -> PreparedRequest:
-        """Render, preprocess and tokenize one request without running the model (see `generate`)."""
-        images, videos = list(images or []), list(videos or [])
-        if (messages is None) == (prompt is None):
-            raise InputError("give exactly one of messages= or prompt=")
-        if messages is not None:
-            messages = normalize_messages(messages)
-            images = self._collect_media(messages, "image", images)
-            videos = self._collect_media(messages, "video", videos)
-            return self._prepare(self.render(messages), images, videos, num_frames)
-        if not isinstance(prompt, str):
-            raise InputError("prompt must be a string")
-        if apply_chat_template:
-            return self._prepare(self.render(user_turn(prompt, len(images), len(videos))), images, videos, num_frames)
-        return self._prepare(prompt, images, videos, num_frames)
+    def prepare(self, messages: Any = None, /, **request: Any) -> PreparedRequest:
+        """Render, preprocess and tokenize one request without running the model (arguments as for `generate`)."""
+        request = Request.build(messages, **request)
+        if request.messages is not None:
+            text = self.render(request.messages)
+        elif request.apply_chat_template:
+            text = self.render(user_turn(request.prompt, len(request.images), len(request.videos)))
+        else:
+            text = request.prompt
+        return self._prepare(text, request.images, request.videos, request.num_frames)
 
     # ---- model stages -----------------------------------------------------------------------------------
 
     def _embed(self, ids: np.ndarray) -> np.ndarray:
         """Token embeddings by row lookup in the memory-mapped table. Indexing (not `np.take`, which first makes
         its input contiguous) reads only the rows asked for, also from a transposed view (tied embeddings)."""
-        return np.ascontiguousarray(self.embed_tokens[ids])
+        return np.ascontiguousarray(self.embed_tokens[ids]).astype(
+            self.bundle.input_dtype("decoder", "inputs_embeds"), copy=False
+        )
 
     def media_features(self, requests: list[PreparedRequest], cache: FeatureCache | None = None) -> list[np.ndarray]:
         """Features of every image and video of every request, in order; with a `cache`, media seen before are
@@ -184,8 +169,10 @@ class Pipeline:
         graph; the projector runs once per distinct token count (tiles, pooled frames)."""
         if not media:
             return []
-        pixels = np.concatenate([m.pixels for m in media]).astype(self.embed_tokens.dtype)
-        selected = self.sessions["vision"].run({"pixel_values": pixels})["image_features"]
+        pixels = np.concatenate([m.pixels for m in media]).astype(self.bundle.input_dtype("vision", "pixel_values"))
+        batches = progress(range(0, len(pixels), VISION_BATCH), desc="vision", unit="batch", enabled=self.show_progress)
+        vision = self.sessions["vision"]
+        selected = np.concatenate([vision.run({"pixel_values": pixels[i : i + VISION_BATCH]})["image_features"] for i in batches])
         bounds = np.cumsum([0] + [len(m.pixels) for m in media])
         parts = [selected[start:stop] for start, stop in zip(bounds[:-1], bounds[1:])]
         for index, item in enumerate(media):
@@ -204,7 +191,7 @@ class Pipeline:
         """Left-padded `[B, S, H]` embeddings with image and video features over their tokens, and the mask."""
         length = max(len(r.input_ids) for r in requests)
         hidden = self.embed_tokens.shape[1]
-        embeds = np.zeros((len(requests), length, hidden), dtype=self.embed_tokens.dtype)
+        embeds = np.zeros((len(requests), length, hidden), dtype=self.bundle.input_dtype("decoder", "inputs_embeds"))
         mask = np.zeros((len(requests), length), dtype=np.int64)
         feature_iter = iter(features)
         for row, request in enumerate(requests):
@@ -223,65 +210,41 @@ class Pipeline:
 
     def search_options(self, search: SearchOptions | None = None, **overrides) -> SearchOptions:
         """Resolved search options: `search` or keyword overrides, then the bundle's generation config."""
-        try:
-            options = search if search is not None else SearchOptions(**overrides)
-        except TypeError as exc:
-            raise InputError(f"unknown generation option: {exc}") from None
+        options = search if search is not None else SearchOptions.from_keywords(**overrides)
         return options.resolve(self.manifest.get("generation", {}))
 
     def run(
         self,
         requests: list[PreparedRequest],
         *,
-        max_new_tokens: int = 128,
-        search: SearchOptions | None = None,
+        max_new_tokens: int,
+        search: SearchOptions,
         feature_cache: FeatureCache | None = None,
         reuse: tuple[int, KVCache] | None = None,
     ) -> "DecodingRun":
-        """Start decoding prepared requests: iterate the run for `(row, text piece)`, then read `run.results`.
+        """Start decoding prepared requests with resolved `search` options: iterate the run for
+        `(row, text piece)`, then read `run.results`.
 
         `reuse = (n, cache)` continues a single request whose first `n` tokens are in the KV cache `cache`
         (a previous run's `generator.cache`, which is then extended in place).
         """
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise InputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-        return DecodingRun(self, requests, max_new_tokens, search or self.search_options(), feature_cache, reuse)
+        return DecodingRun(self, requests, max_new_tokens, search, feature_cache, reuse)
 
-    def start(
-        self,
-        messages: list[dict[str, Any]] | None = None,
-        *,
-        prompt: str | None = None,
-        images: Sequence[ImageInput] = (),
-        videos: Sequence[VideoInput] = (),
-        num_frames: int = DEFAULT_NUM_FRAMES,
-        max_new_tokens: int = 128,
-        apply_chat_template: bool = True,
-        search: SearchOptions | None = None,
-        **search_options,
-    ) -> "DecodingRun":
-        """Prepare one request and start decoding it (`generate` and `stream` take these same arguments).
+    def start(self, messages: Any = None, /, **request: Any) -> "DecodingRun":
+        """Prepare one request and start decoding it. Takes a `Request`, or its fields and search options as
+        keywords (`prompt=`, `images=`, `videos=`, `num_frames=`, `max_new_tokens=`, `apply_chat_template=`,
+        `search=` or `temperature=`, `top_k=`, `top_p=`, `min_p=`, `repetition_penalty=`, `seed=`, `stop=`, ...);
+        see `Request` and `SearchOptions`. Bad input raises `InputError` here, before any decoding."""
+        return self._start([Request.build(messages, **request)])
 
-        The request is a conversation (transformers' message format) or a prompt with images and videos.
-        A `prompt` is rendered as one user turn (images, then videos, then the text) unless
-        `apply_chat_template=False`, in which case it is used verbatim and must hold one `<image>`
-        placeholder per image and one `<video>` per video. Videos are file paths (decoded with PyAV)
-        or `[T, H, W, 3]` uint8 arrays, of which `num_frames` frames are sampled uniformly.
-        Search options (`do_sample`, `temperature`, `top_k`, `top_p`, `min_p`, `repetition_penalty`,
-        `seed`, `stop`) default to the bundle's generation config; see `SearchOptions`.
-        """
-        return self._start(
-            [(messages, prompt, images, videos)], num_frames, apply_chat_template, max_new_tokens, search, search_options
-        )
-
-    def generate(self, messages: list[dict[str, Any]] | None = None, **request) -> GenerationResult:
-        """Answer one request (arguments as for `start`): text, token ids, prompt and timings."""
+    def generate(self, messages: Any = None, /, **request: Any) -> GenerationResult:
+        """Answer one request (arguments as for `start`): text, token ids, prompt, finish reason and timings."""
         run = self.start(messages, **request)
         for _ in run:
             pass
         return run.results[0]
 
-    def stream(self, messages: list[dict[str, Any]] | None = None, **request) -> Iterator[str]:
+    def stream(self, messages: Any = None, /, **request: Any) -> Iterator[str]:
         """Like `generate` (arguments as for `start`), yielding the answer's text as it is decoded; the pieces
         concatenate to the full text. Bad input raises here, before iteration."""
         run = self.start(messages, **request)
@@ -289,61 +252,64 @@ class Pipeline:
 
     def generate_batch(
         self,
-        conversations: Sequence[list[dict[str, Any]]],
+        conversations: Sequence[Any],
         *,
         images: Sequence[Sequence[ImageInput]] | None = None,
         videos: Sequence[Sequence[VideoInput]] | None = None,
-        num_frames: int = DEFAULT_NUM_FRAMES,
-        max_new_tokens: int = 128,
-        search: SearchOptions | None = None,
-        **search_options,
+        **request: Any,
     ) -> list[GenerationResult]:
         """Answer several conversations at once (left-padded into one batch); `images[i]` and `videos[i]`
-        belong to conversation i."""
-        if not conversations:
-            raise InputError("generate_batch needs at least one conversation")
+        belong to conversation i; the other arguments (as for `start`) apply to all."""
+        if isinstance(conversations, (str, bytes)) or not isinstance(conversations, Sequence) or not conversations:
+            raise InputError("generate_batch needs a non-empty list of conversations")
         images = images if images is not None else [()] * len(conversations)
         videos = videos if videos is not None else [()] * len(conversations)
         if not len(images) == len(videos) == len(conversations):
             raise InputError(f"{len(conversations)} conversations but {len(images)} image and {len(videos)} video lists")
-        items = [(c, None, i, v) for c, i, v in zip(conversations, images, videos)]
-        run = self._start(items, num_frames, True, max_new_tokens, search, search_options)
+        requests = [Request.build(c, images=i, videos=v, **request) for c, i, v in zip(conversations, images, videos)]
+        run = self._start(requests)
         for _ in run:
             pass
         return run.results
 
-    def _start(self, items, num_frames, apply_chat_template, max_new_tokens, search, search_options) -> "DecodingRun":
+    def _start(self, requests: list[Request]) -> "DecodingRun":
+        """Resolve the search options, prepare every request and start one decoding run over them."""
         started = time.perf_counter()
-        options = self.search_options(search, **search_options)
-        requests = [
-            self.prepare(m, prompt=p, images=i, videos=v, num_frames=num_frames, apply_chat_template=apply_chat_template)
-            for m, p, i, v in items
-        ]
-        run = self.run(requests, max_new_tokens=max_new_tokens, search=options)
+        first = requests[0]
+        if any(r.search != first.search or r.max_new_tokens != first.max_new_tokens for r in requests[1:]):
+            raise InputError("the requests of one batch must share max_new_tokens and the search options")
+        options = self.search_options(first.search)
+        prepared = [self.prepare(request) for request in requests]
+        run = self.run(prepared, max_new_tokens=first.max_new_tokens, search=options)
         run.preprocess_s = time.perf_counter() - started
         return run
 
 
 class DecodingRun:
     """One decoding run: iterate it for `(row, text piece)` pairs; afterwards `results` holds the answers and
-    `generator.cache` the KV cache of every token fed."""
+    `generator.cache` the KV cache of every token fed. A run stopped early (the caller stops iterating) can
+    still report what it has: `partial_results()`."""
 
     def __init__(self, pipeline: Pipeline, requests, max_new_tokens, options, feature_cache, reuse):
         self.pipeline, self.requests, self.max_new_tokens = pipeline, requests, max_new_tokens
         self.options, self.feature_cache, self.reuse = options, feature_cache, reuse
-        self.preprocess_s = 0.0
+        self.preprocess_s = self.vision_s = 0.0
+        self.reused = 0
+        self.done = False
         self.results: list[GenerationResult] = []
         self.generator: Generator | None = None
+        self.streams: list[TextStream] = []
+        self._cache_counts = (feature_cache.hits, feature_cache.misses) if feature_cache else (0, 0)
 
     def __iter__(self) -> Iterator[tuple[int, str]]:
         pipeline = self.pipeline
-        hits, misses = (self.feature_cache.hits, self.feature_cache.misses) if self.feature_cache else (0, 0)
         started = time.perf_counter()
         features = pipeline.media_features(self.requests, self.feature_cache)
-        vision_s = time.perf_counter() - started
+        self.vision_s = time.perf_counter() - started
         embeds, mask = pipeline._inputs_embeds(self.requests, features)
         kv_cache = pipeline.manifest["graphs"]["decoder"]["kv_cache"]
-        reused, cache = self.reuse or (0, KVCache(kv_cache, len(self.requests), embeds.dtype))
+        kv_dtype = pipeline.bundle.input_dtype("decoder", "past_key_values.0.key")
+        self.reused, cache = reused, cache = self.reuse or (0, KVCache(kv_cache, len(self.requests), kv_dtype))
         cache.truncate(reused)
         self.generator = generator = Generator(
             pipeline.sessions["decoder"],
@@ -357,7 +323,7 @@ class DecodingRun:
             self.max_new_tokens,
             pipeline.max_length,
         )
-        streams = [TextStream(pipeline.tokenizer, self.options.stop) for _ in self.requests]
+        self.streams = streams = [TextStream(pipeline.tokenizer, self.options.stop) for _ in self.requests]
         while not generator.is_done:
             active = np.flatnonzero(~generator.finished)
             next_tokens = generator.generate_next_token()
@@ -368,25 +334,37 @@ class DecodingRun:
                 yield int(row), piece
         for row, stream in enumerate(streams):
             yield row, stream.flush()
+        if generator.context_full:
+            logger.warning("the answer was cut at the model's context of %d tokens (finish reason 'length')", pipeline.max_length)
+        self.done = True
+        self.results = self.partial_results()
+
+    def partial_results(self) -> list[GenerationResult]:
+        """The answers so far (all of them once the run is over). A row the caller ended early, by no longer
+        iterating, has the finish reason "abort"."""
+        generator = self.generator
+        if generator is None:
+            return []
         timings = {
             "preprocess": self.preprocess_s * 1e3,
-            "vision": vision_s * 1e3,
+            "vision": self.vision_s * 1e3,
             "prefill": generator.prefill_s * 1e3,
             "decode": generator.decode_s * 1e3,
         }
         if self.feature_cache is not None:
-            timings["feature_cache_hits"] = self.feature_cache.hits - hits
-            timings["feature_cache_misses"] = self.feature_cache.misses - misses
+            timings["feature_cache_hits"] = self.feature_cache.hits - self._cache_counts[0]
+            timings["feature_cache_misses"] = self.feature_cache.misses - self._cache_counts[1]
         tokens_per_s = generator.decode_steps / generator.decode_s if generator.decode_s > 0 else 0.0
-        self.results = [
+        return [
             GenerationResult(
                 text=stream.text,
-                token_ids=generator.tokens[row],
+                token_ids=list(generator.tokens[row]),
                 prompt=request.prompt,
                 input_tokens=len(request.input_ids),
+                finish_reason=generator.finish_reason(row) if self.done or generator.finished[row] else "abort",
                 timings_ms=dict(timings),
                 tokens_per_s=tokens_per_s,
-                reused_tokens=reused,
+                reused_tokens=self.reused,
             )
-            for row, (request, stream) in enumerate(zip(self.requests, streams))
+            for row, (request, stream) in enumerate(zip(self.requests, self.streams))
         ]

@@ -3,7 +3,9 @@ repetition penalty, then (when sampling) temperature, top-k, top-p, min-p."""
 
 from __future__ import annotations
 
+import reprlib
 from dataclasses import dataclass, fields, replace
+from numbers import Integral, Real
 from typing import Any
 
 import numpy as np
@@ -11,12 +13,24 @@ import numpy as np
 from .errors import InputError
 
 SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p")
+_REAL_FIELDS = ("temperature", "top_p", "min_p", "repetition_penalty")
+_INTEGER_FIELDS = ("top_k", "seed", "min_new_tokens")
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, Real) and not isinstance(value, bool)
+
+
+def _is_integer(value: Any) -> bool:
+    return isinstance(value, Integral) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
 class SearchOptions:
     """How the next token is chosen. `None` fields fall back to the bundle's generation config, then to
-    transformers' `GenerationConfig` defaults (temperature 1, top-k 50, top-p 1, no min-p, penalty 1)."""
+    transformers' `GenerationConfig` defaults (temperature 1, top-k 50, top-p 1, no min-p, penalty 1).
+    Types are checked when built (`InputError`); ranges when resolved against the generation config.
+    Temperature 0 means greedy, as in the OpenAI API and llama.cpp."""
 
     do_sample: bool | None = None
     temperature: float | None = None
@@ -27,6 +41,32 @@ class SearchOptions:
     seed: int | None = None
     min_new_tokens: int = 0  # end-of-sequence tokens are not chosen before this many new tokens (as transformers')
     stop: tuple[str, ...] | str = ()  # one string or several
+
+    def __post_init__(self) -> None:
+        for name in _REAL_FIELDS:
+            value = getattr(self, name)
+            if value is not None and not _is_real(value):
+                raise InputError(f"{name} must be a number, got {reprlib.repr(value)}")
+        for name in _INTEGER_FIELDS:
+            value = getattr(self, name)
+            if value is not None and not _is_integer(value):
+                raise InputError(f"{name} must be an integer, got {reprlib.repr(value)}")
+        if self.do_sample is not None and not isinstance(self.do_sample, bool):
+            raise InputError(f"do_sample must be True or False, got {reprlib.repr(self.do_sample)}")
+        if self.seed is not None and self.seed < 0:
+            raise InputError(f"seed must be an integer >= 0, got {self.seed}")
+        stop = (self.stop,) if isinstance(self.stop, str) else self.stop
+        if not isinstance(stop, (tuple, list)) or any(not isinstance(s, str) or not s for s in stop):
+            raise InputError(f"stop must be a non-empty string or a list of them, got {reprlib.repr(self.stop)}")
+        object.__setattr__(self, "stop", tuple(stop))
+
+    @classmethod
+    def from_keywords(cls, **options: Any) -> "SearchOptions":
+        """`SearchOptions(**options)`, with an unknown option an `InputError` naming it."""
+        unknown = sorted(set(options) - {f.name for f in fields(cls)})
+        if unknown:
+            raise InputError(f"unknown generation option(s): {', '.join(unknown)}")
+        return cls(**options)
 
     def resolve(self, generation_config: dict[str, Any]) -> "SearchOptions":
         """Fill unset fields from the generation config and validate. Giving any sampling parameter
@@ -41,7 +81,8 @@ class SearchOptions:
             values[field.name] = value
         if self.do_sample is None and any(getattr(self, key) is not None for key in SAMPLING_KEYS):
             values["do_sample"] = True
-        values["stop"] = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        if values["temperature"] == 0:
+            values["do_sample"] = False
         resolved = replace(self, **values)
         resolved.validate()
         return resolved
@@ -57,10 +98,8 @@ class SearchOptions:
             raise InputError(f"min_p must be in [0, 1], got {self.min_p}")
         if not self.repetition_penalty > 0:
             raise InputError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        if not isinstance(self.min_new_tokens, int) or self.min_new_tokens < 0:
+        if self.min_new_tokens < 0:
             raise InputError(f"min_new_tokens must be an integer >= 0, got {self.min_new_tokens!r}")
-        if any(not isinstance(s, str) or not s for s in self.stop):
-            raise InputError("stop strings must be non-empty strings")
 
 
 def _softmax(scores: np.ndarray) -> np.ndarray:

@@ -54,5 +54,5 @@ def test_bad_turn_leaves_the_conversation_unchanged(pipelines):
     with pytest.raises(InputError):
         session.send("hi", images=["/no/such/image.png"])
     with pytest.raises(InputError):
-        session.send("hi", temperature=0.0)
+        session.send("hi", temperature=-1.0)
     assert session.messages == []
