@@ -1,0 +1,49 @@
+"""pyproject's lower bounds are the versions .ci/lower-bounds pins (and so ran the suite with)."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from llava_rt.export.compat import SUPPORTED_BELOW, TESTED_TRANSFORMERS, check_transformers
+from llava_rt.runtime import ExportError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _requirements() -> list[str]:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = [r for group in project["optional-dependencies"].values() for r in group if not r.startswith("llava-rt")]
+    return project["dependencies"] + extras
+
+
+def _pins() -> dict[str, str]:
+    lines = (ROOT / ".ci" / "lower-bounds.txt").read_text().splitlines()
+    return dict(line.lower().split("==") for line in lines if line and not line.startswith("#"))
+
+
+def test_every_lower_bound_is_pinned_in_the_lower_bounds_run():
+    pins = _pins()
+    for requirement in _requirements():
+        name, lowest = re.match(r"([A-Za-z0-9_.-]+)>=([0-9.]+)", requirement).groups()
+        assert pins.get(name.lower()) == lowest, f"{requirement}: .ci/lower-bounds.txt pins {pins.get(name.lower())}"
+
+
+def test_the_transformers_range_is_the_tested_one():
+    (requirement,) = [r for r in _requirements() if r.startswith("transformers")]
+    assert requirement == f"transformers>={TESTED_TRANSFORMERS[0]},<{SUPPORTED_BELOW}"
+    assert _pins()["transformers"] == TESTED_TRANSFORMERS[0]
+
+
+@pytest.mark.parametrize("version", ["5.3.0", "5.25.0", "5.25.0.dev0", "6.0.0"])
+def test_export_refuses_untested_transformers_releases(version):
+    with pytest.raises(ExportError, match=r"tested: 5\.4\.0 to 5\.24\.0.*pip install"):
+        check_transformers(version)
+
+
+@pytest.mark.parametrize("version", [TESTED_TRANSFORMERS[0], TESTED_TRANSFORMERS[1], "5.24.9"])
+def test_export_accepts_the_tested_range(version):
+    check_transformers(version)
