@@ -105,6 +105,10 @@ class Request:
             if arguments:
                 raise InputError(f"give a Request or keyword arguments, not both (got {', '.join(sorted(arguments))})")
             return messages
+        if "messages" in arguments:
+            if messages is not None:
+                raise InputError("messages given twice (positionally and as messages=)")
+            messages = arguments.pop("messages")
         names = {f.name for f in fields(cls)}
         options = {key: arguments.pop(key) for key in list(arguments) if key not in names}
         if options:
