@@ -34,7 +34,8 @@ def test_run_json_is_one_object_with_every_field(variants, image_file):
     )
     assert result.returncode == 0, result.stderr
     payload = json.loads(result.stdout)
-    assert set(payload) == {"prompt", "input_tokens", "token_ids", "text", "timings_ms", "tokens_per_s"}
+    assert set(payload) == {"prompt", "input_tokens", "token_ids", "text", "finish_reason", "timings_ms", "tokens_per_s"}
+    assert payload["finish_reason"] in ("stop", "length")
     assert payload["prompt"] == "[INST] <image>\nWhat is shown? [/INST]"
     assert set(payload["timings_ms"]) == {"preprocess", "vision", "prefill", "decode"}
     assert 1 <= len(payload["token_ids"]) <= 5 and payload["input_tokens"] > 20
@@ -99,7 +100,7 @@ def test_run_image_count_differs_from_placeholders(variants, image_file):
 
 def test_run_prompt_longer_than_context(variants):
     result = run("llava_rt.runtime.cli", str(variants["mistral"].bundle), "--prompt", "hello world " * 600)
-    assert_one_line_error(result, "llava-run", "longer than the model's context of 1024")
+    assert_one_line_error(result, "llava-run", "leaves no room to answer within the model's context of 1024")
 
 
 def test_run_tampered_and_newer_bundles(variants, tmp_path):
@@ -130,7 +131,7 @@ def test_run_missing_bundle_and_bad_max_new_tokens(tmp_path, variants):
     assert_one_line_error(
         run("llava_rt.runtime.cli", str(variants["mistral"].bundle), "--prompt", "Hi", "--max-new-tokens", "0"),
         "llava-run",
-        "at least 1",
+        "max_new_tokens must be a positive integer",
     )
 
 
@@ -200,7 +201,7 @@ def test_run_stream_prints_the_same_answer(variants, image_file):
 @pytest.mark.parametrize(
     "options, fragment",
     [
-        (("--temperature", "0"), "temperature must be > 0"),
+        (("--seed", "-1"), "seed must be an integer >= 0"),
         (("--do-sample", "--temperature", "-1"), "temperature must be > 0"),
         (("--top-p", "1.5"), "top_p must be in (0, 1]"),
         (("--top-k", "-2"), "top_k must be an integer >= 0"),
@@ -218,3 +219,139 @@ def test_run_interactive_reuses_the_cache(variants, image_file):
     assert result.stdout.count("> ") >= 3
     assert "reused from the cache" in result.stderr  # the second turn prefilled only its new tokens
     assert "Traceback" not in result.stderr
+
+
+def test_run_json_stream_writes_json_lines(variants, image_file):
+    ask = (str(variants["mistral"].bundle), "--prompt", "What is shown?", "--image", str(image_file), "--max-new-tokens", "6")
+    result = run("llava_rt.runtime.cli", *ask, "--json", "--stream")
+    assert result.returncode == 0, result.stderr
+    *pieces, final = [json.loads(line) for line in result.stdout.splitlines()]
+    assert pieces and all(set(piece) == {"text"} for piece in pieces)
+    assert "".join(piece["text"] for piece in pieces) == final["text"]
+    assert final["token_ids"] == json.loads(run("llava_rt.runtime.cli", *ask, "--json").stdout)["token_ids"]
+
+
+def test_run_temperature_zero_is_greedy(variants):
+    ask = (str(variants["llama"].bundle), "--prompt", "Hi there", "--max-new-tokens", "6", "--json")
+    greedy, zero = run("llava_rt.runtime.cli", *ask), run("llava_rt.runtime.cli", *ask, "--temperature", "0", "--seed", "4")
+    assert greedy.returncode == zero.returncode == 0, greedy.stderr + zero.stderr
+    assert json.loads(greedy.stdout)["token_ids"] == json.loads(zero.stdout)["token_ids"]
+
+
+def test_run_system_prompt_in_both_modes(variants):
+    bundle = str(variants["llama"].bundle)
+    once = run("llava_rt.runtime.cli", bundle, "--system", "Be terse.", "--prompt", "Hi", "--max-new-tokens", "2", "--json")
+    assert once.returncode == 0, once.stderr
+    prompt = json.loads(once.stdout)["prompt"]
+    assert prompt.index("Be terse.") < prompt.index("Hi")
+    pipeline = variants["llama"].pipeline()
+    chat = [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Hi"}]
+    assert prompt == pipeline.render(chat)
+    interactive = run(
+        "llava_rt.runtime.cli", bundle, "--system", "Be terse.", "--interactive", "--max-new-tokens", "2", "--json", stdin="Hi\n"
+    )
+    assert interactive.returncode == 0 and "Traceback" not in interactive.stderr, interactive.stderr
+
+
+def test_run_version():
+    result = run("llava_rt.runtime.cli", "--version")
+    assert result.returncode == 0 and result.stdout.strip() == "llava-run 0.1.0"
+
+
+def test_run_interactive_help_and_unknown_commands_are_not_sent(variants):
+    result = run(
+        "llava_rt.runtime.cli",
+        str(variants["mistral"].bundle),
+        "--interactive",
+        "--max-new-tokens",
+        "3",
+        stdin="/help\n/imagine x\n",
+    )
+    assert result.returncode == 0, result.stderr  # end of input leaves cleanly
+    assert result.stderr.count("/reset") == 2  # the help, twice: once asked for, once for the unknown command
+    assert "generated" not in result.stderr  # nothing went to the model
+    assert "Traceback" not in result.stderr
+
+
+def test_run_reports_when_the_context_ends_the_answer(variants):
+    result = run(
+        "llava_rt.runtime.cli",
+        str(variants["mistral"].bundle),
+        "--prompt",
+        "Go on",
+        "--max-new-tokens",
+        "100000",
+        "--min-new-tokens",
+        "100000",
+        "--json",
+    )
+    assert result.returncode == 0, result.stderr
+    payload = json.loads(result.stdout)
+    assert payload["finish_reason"] == "length" and payload["input_tokens"] + len(payload["token_ids"]) == 1024
+    warnings = [line for line in result.stderr.splitlines() if line.strip()]
+    assert warnings == ["llava-run: warning: the answer was cut at the model's context of 1024 tokens (finish reason 'length')"]
+
+
+def test_run_newline_in_a_path_is_one_line(variants, tmp_path):
+    result = run("llava_rt.runtime.cli", str(variants["mistral"].bundle), "--prompt", "Hi", "--image", str(tmp_path / "a\nb.png"))
+    assert_one_line_error(result, "llava-run", "a\\nb.png")
+
+
+def _interactive_process(bundle, *args):
+    import subprocess
+    import sys
+
+    return subprocess.Popen(
+        [sys.executable, "-m", "llava_rt.runtime.cli", str(bundle), *args],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+
+
+def _read_until(stream, needle: bytes, limit: int = 1 << 20) -> bytes:
+    """Read from a pipe until `needle` has appeared (a bounded amount; a closed pipe ends it)."""
+    seen = b""
+    while needle not in seen and len(seen) < limit:
+        chunk = stream.read1(4096)
+        if not chunk:
+            break
+        seen += chunk
+    return seen
+
+
+def test_ctrl_c_in_an_interactive_answer_keeps_the_conversation_and_at_the_prompt_exits(variants):
+    import signal
+
+    process = _interactive_process(
+        variants["mistral"].bundle, "--interactive", "--max-new-tokens", "900", "--min-new-tokens", "900"
+    )
+    try:
+        process.stdin.write(b"Tell me everything.\n")
+        process.stdin.flush()
+        assert _read_until(process.stdout, b"> ")  # the prompt, then the answer starts streaming
+        _read_until(process.stdout, b" ", limit=64)
+        process.send_signal(signal.SIGINT)  # during the answer
+        assert b"> " in _read_until(process.stdout, b"> ")  # back at the prompt
+        process.send_signal(signal.SIGINT)  # at the prompt
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 0, stderr
+    assert b"answer interrupted (kept in the conversation)" in stderr and b"Traceback" not in stderr
+
+
+def test_ctrl_c_in_a_one_shot_run_is_one_line(variants):
+    import signal
+
+    process = _interactive_process(
+        variants["mistral"].bundle, "--prompt", "Go", "--stream", "--max-new-tokens", "900", "--min-new-tokens", "900"
+    )
+    try:
+        _read_until(process.stdout, b" ", limit=64)
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 130
+    assert stderr.decode().strip().splitlines() == ["llava-run: interrupted"], stderr
