@@ -15,25 +15,51 @@ from .packing import select_best_resolution
 
 ImageInput = Union[str, Path, Image.Image, np.ndarray]
 
+MAX_IMAGE_PIXELS = 1 << 26  # default limit on each image and each video frame: 64 Mi pixels, 8192 x 8192
+MAX_ASPECT_RATIO = 10_000  # longer side over shorter side; bounds the work of resizing to a shortest edge
 
-def load_image(image: ImageInput) -> Image.Image | np.ndarray:
-    """Open a path as a Pillow image; pass Pillow images and HxWx3 uint8 arrays through. Raises `InputError`."""
+
+def check_image_size(height: int, width: int, max_pixels: int, what: str) -> None:
+    """Refuse an empty image, one over `max_pixels` pixels or one longer than `MAX_ASPECT_RATIO` times its width (or the
+    reverse), before it is decoded or resized. `what` names it in the message."""
+    if height < 1 or width < 1:
+        raise InputError(f"{what} is empty ({width}x{height} pixels)")
+    if height * width > max_pixels:
+        raise InputError(f"{what} is too large: {width}x{height} is {height * width} pixels, the limit is {max_pixels}")
+    if max(height, width) > MAX_ASPECT_RATIO * min(height, width):
+        raise InputError(f"{what} is too elongated: {width}x{height}, the limit is {MAX_ASPECT_RATIO}:1")
+
+
+def _load_pil(image: Image.Image, max_pixels: int, what: str) -> Image.Image:
+    """Check the size of a Pillow image, then decode it (a file opened lazily is read only now)."""
+    check_image_size(image.height, image.width, max_pixels, what)
+    try:
+        image.load()
+    except (OSError, ValueError, SyntaxError, AssertionError, Image.DecompressionBombError) as exc:
+        raise InputError(f"cannot read {what}: {str(exc) or 'its file was closed before it was loaded'}") from None
+    return image
+
+
+def load_image(image: ImageInput, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image | np.ndarray:
+    """Open a path as a Pillow image; pass Pillow images and HxWx3 uint8 arrays through. Each is within
+    `check_image_size`'s limits, checked before it is decoded (Pillow's own decompression-bomb limit also applies to
+    files). Raises `InputError`."""
     if isinstance(image, str) and image.startswith(("http://", "https://")):
         raise InputError(f"image URLs are not fetched; download the image and pass its path: {image}")
     if isinstance(image, (str, Path)):
         try:
             with Image.open(image) as opened:
-                opened.load()
-                return opened
+                return _load_pil(opened, max_pixels, f"image {image}")
         except FileNotFoundError:
             raise InputError(f"image file not found: {image}") from None
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
             raise InputError(f"cannot read image {image}: {exc}") from None
     if isinstance(image, Image.Image):
-        return image
+        return _load_pil(image, max_pixels, "the PIL image")
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3 or 0 in image.shape:
             raise InputError(f"image arrays must be HxWx3 uint8, got shape {image.shape} and dtype {image.dtype}")
+        check_image_size(*image.shape[:2], max_pixels, "the image array")
         return image
     raise InputError(f"unsupported image type {type(image).__name__} (use a path, a PIL image or an HxWx3 uint8 array)")
 

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from .errors import InputError
-from .image_processing import AnyResImageProcessor, ImageInput, load_image
+from .image_processing import MAX_IMAGE_PIXELS, AnyResImageProcessor, ImageInput, load_image
 from .packing import AnyResLayout, image_layout, pack_anyres, pool_video
 from .video import VideoInput, VideoProcessor, load_video
 
@@ -24,9 +24,14 @@ class Media:
 
 
 class MediaProcessor:
-    """The bundle's preprocessing and packing rules for images and (when the model has them) videos."""
+    """The bundle's preprocessing and packing rules for images and (when the model has them) videos.
 
-    def __init__(self, manifest: dict[str, Any], image_newline: np.ndarray):
+    `max_image_pixels` limits each image and each video frame (see `check_image_size`)."""
+
+    def __init__(self, manifest: dict[str, Any], image_newline: np.ndarray, max_image_pixels: int = MAX_IMAGE_PIXELS):
+        if isinstance(max_image_pixels, bool) or not isinstance(max_image_pixels, int) or max_image_pixels < 1:
+            raise InputError(f"max_image_pixels must be a positive integer, got {max_image_pixels!r}")
+        self.max_image_pixels = max_image_pixels
         self.packing = manifest["packing"]
         self.video_params = manifest.get("video")
         self.image_processor = AnyResImageProcessor.from_manifest(manifest["preprocess"])
@@ -40,7 +45,7 @@ class MediaProcessor:
 
     def image(self, source: ImageInput, multi_image: bool) -> Media:
         """Preprocess one image; `multi_image` when its prompt holds other images too."""
-        image = load_image(source)
+        image = load_image(source, self.max_image_pixels)
         size = image.shape[:2] if isinstance(image, np.ndarray) else (image.height, image.width)
         layout = image_layout(size, self.packing, multi_image)
         preprocess = self.image_processor.preprocess_base_only if layout.num_tiles == 1 else self.image_processor.preprocess
@@ -52,7 +57,7 @@ class MediaProcessor:
         has checked that the model takes videos)."""
         if not isinstance(num_frames, int) or num_frames < 1:
             raise InputError(f"num_frames must be a positive integer, got {num_frames!r}")
-        pixels = self.video_processor.preprocess(load_video(source, num_frames))
+        pixels = self.video_processor.preprocess(load_video(source, num_frames, self.max_image_pixels))
         newline = 1 if self.video_params["newline"] == "end" else 0
         return Media("video", pixels, len(pixels) * self.video_params["tokens_per_frame"] + newline)
 

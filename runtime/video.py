@@ -9,7 +9,7 @@ from typing import Union
 import numpy as np
 
 from .errors import InputError
-from .image_processing import FromManifest, rescale_and_normalize, shortest_edge_size
+from .image_processing import MAX_IMAGE_PIXELS, FromManifest, check_image_size, rescale_and_normalize, shortest_edge_size
 from .resize import center_crop_offsets, resize_uint8_antialias
 
 VideoInput = Union[str, Path, np.ndarray]
@@ -28,7 +28,7 @@ def _check_frames(frames: np.ndarray) -> np.ndarray:
     return frames
 
 
-def _decode_pyav(path: Path, num_frames: int) -> np.ndarray:
+def _decode_pyav(path: Path, num_frames: int, max_pixels: int) -> np.ndarray:
     try:
         import av
     except ImportError:
@@ -41,29 +41,40 @@ def _decode_pyav(path: Path, num_frames: int) -> np.ndarray:
                 raise InputError(f"cannot read video {path}: it has no video stream")
             if container.format.name == "image2" or container.format.name.endswith("_pipe"):
                 raise InputError(f"cannot read video {path}: it is an image ({container.format.name}); pass it as an image")
-            total = container.streams.video[0].frames or sum(1 for _ in container.decode(video=0))
+            stream = container.streams.video[0]
+            height, width = stream.height, stream.width
+            check_image_size(height, width, max_pixels, f"each frame of video {path}")
+            total = stream.frames or sum(1 for _ in container.decode(video=0))
             indices = sample_frame_indices(total, num_frames)
             wanted, last = set(indices.tolist()), int(indices[-1])
             container.seek(0)
-            frames = []
+            frames = np.empty((len(indices), height, width, 3), dtype=np.uint8)
+            count = 0
             for i, frame in enumerate(container.decode(video=0)):
                 if i > last:
                     break
                 if i in wanted:
-                    frames.append(frame.to_ndarray(format="rgb24"))
+                    if (frame.height, frame.width) != (height, width):
+                        raise InputError(
+                            f"cannot read video {path}: frame {i} is {frame.width}x{frame.height}, not {width}x{height}"
+                        )
+                    frames[count] = frame.to_ndarray(format="rgb24")
+                    count += 1
     except (av.FFmpegError, OSError, ValueError) as exc:
         raise InputError(f"cannot read video {path}: {exc}") from None
-    if not frames:
+    if not count:
         raise InputError(f"cannot read video {path}: no frame could be decoded")
-    return np.stack(frames)
+    return frames[:count]
 
 
-def load_video(source: VideoInput, num_frames: int) -> np.ndarray:
-    """`num_frames` uniformly sampled `[T, H, W, 3]` uint8 RGB frames of a video file or a TxHxWx3 uint8 array."""
+def load_video(source: VideoInput, num_frames: int, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
+    """`num_frames` uniformly sampled `[T, H, W, 3]` uint8 RGB frames of a video file or a TxHxWx3 uint8 array, each
+    frame within `check_image_size`'s limits (checked before anything is decoded)."""
     if isinstance(source, (str, Path)):
-        return _decode_pyav(Path(source), num_frames)
+        return _decode_pyav(Path(source), num_frames, max_pixels)
     if isinstance(source, np.ndarray):
         frames = _check_frames(source)
+        check_image_size(frames.shape[1], frames.shape[2], max_pixels, "each video frame")
         return frames[sample_frame_indices(len(frames), num_frames)]
     raise InputError(f"unsupported video type {type(source).__name__} (use a path or a TxHxWx3 uint8 array)")
 
