@@ -1,7 +1,10 @@
-"""uint8 antialiased resizing equal to torch's `F.interpolate(uint8, antialias=True)`, which transformers' video
-processors use through torchvision. That kernel is a port of Pillow-SIMD: double-precision filter weights,
-converted to int16 at a precision set by the largest weight, then a horizontal and a vertical integer pass,
-each rounding and clipping to uint8. Reproduced here in numpy (float64 matmuls are exact on these integers).
+"""uint8 antialiased resizing equal to torchvision's on uint8 tensors (`F.interpolate(uint8, antialias=True)`), which
+transformers' video processors use, and their center crop.
+
+That kernel is a port of Pillow-SIMD: double-precision filter weights, converted to int16 at a precision set by the
+largest weight of the whole axis, then a horizontal and a vertical integer pass, each rounding and clipping to uint8.
+Reproduced here with banded weights: each block of outputs multiplies only the input span its filters cover, in
+float64, which is exact on these integers. A crop window is computed directly, without the rest of the image.
 """
 
 from __future__ import annotations
@@ -9,9 +12,12 @@ from __future__ import annotations
 import numpy as np
 
 BILINEAR, BICUBIC = 2, 3  # Pillow's resample codes, as processor configs store them
+_BLOCK = 32  # outputs per banded matmul
+_CHUNK = 1 << 16  # outputs per chunk when scanning a whole axis for its largest weight
 
 
 def _filter(resample: int):
+    """torch's antialiasing filter and its size (`interp_size`) at scale 1."""
     if resample == BICUBIC:
         a = -0.5
 
@@ -27,47 +33,121 @@ def _filter(resample: int):
     raise ValueError(f"antialiased uint8 resizing supports bilinear and bicubic, not resample={resample}")
 
 
-def _int16_weights(in_size: int, out_size: int, resample: int) -> tuple[np.ndarray, int]:
-    """Dense `[out, in]` integer weights (as float64) and their fixed-point precision."""
+def _float_weights(in_size: int, out_size: int, resample: int, outputs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For each output index: its first input index, its normalized filter taps `[n, taps]` (zero past its window),
+    and whether it was normalized; in torch's order of floating-point operations."""
     kernel, interp_size = _filter(resample)
     scale = in_size / out_size
     support = interp_size * 0.5 * scale if scale >= 1.0 else interp_size * 0.5
     invscale = 1.0 / scale if scale >= 1.0 else 1.0
-    weights = np.zeros((out_size, in_size))
-    for i in range(out_size):
-        center = scale * (i + 0.5)
-        lo = max(int(center - support + 0.5), 0)
-        hi = min(int(center + support + 0.5), in_size)
-        w = kernel((np.arange(lo, hi) - center + 0.5) * invscale)
-        total = w.sum()
-        weights[i, lo:hi] = w / total if total != 0.0 else w
-    w_max = weights.max()
-    precision = 22
-    for bits in range(22):
-        if int(0.5 + w_max * (1 << (bits + 1))) >= (1 << 15):
-            precision = bits
-            break
+    taps = int(np.ceil(support)) * 2 + 1
+    center = scale * (outputs + 0.5)
+    first = np.maximum((center - support + 0.5).astype(np.int64), 0)
+    size = np.minimum((center + support + 0.5).astype(np.int64), in_size) - first
+    index = np.arange(taps)
+    weights = np.where(index < size[:, None], kernel(((first[:, None] + index) - center[:, None] + 0.5) * invscale), 0.0)
+    total = np.zeros(len(outputs))
+    for tap in weights.T:  # left to right, as torch sums
+        total += tap
+    normalized = total != 0.0
+    return first, np.where(normalized[:, None], weights / np.where(normalized, total, 1.0)[:, None], weights), normalized
+
+
+def _int16_weights(in_size: int, out_size: int, resample: int, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """First input index and int16 taps (as float64) of outputs `start:stop`, at the precision torch derives from the
+    largest normalized weight of all `out_size` outputs."""
+    w_max = 0.0
+    for chunk in range(0, out_size, _CHUNK):
+        _, weights, normalized = _float_weights(in_size, out_size, resample, np.arange(chunk, min(chunk + _CHUNK, out_size)))
+        w_max = max(w_max, float(weights[normalized].max(initial=0.0)))
+    precision = next((bits for bits in range(22) if int(0.5 + w_max * (1 << (bits + 1))) >= 1 << 15), 22)
+    first, weights, _ = _float_weights(in_size, out_size, resample, np.arange(start, stop))
     scaled = weights * (1 << precision)
-    return np.where(scaled < 0, np.trunc(scaled - 0.5), np.trunc(scaled + 0.5)), precision
+    return first, np.where(scaled < 0, np.trunc(scaled - 0.5), np.trunc(scaled + 0.5)), precision
 
 
-def _pass(image: np.ndarray, weights: np.ndarray, precision: int, axis: int) -> np.ndarray:
-    """One separable pass along `axis` of a uint8 image array, with Pillow's rounding and clipping."""
-    moved = np.moveaxis(image, axis, -1).astype(np.float64)  # [..., in]
-    acc = moved @ weights.T + (1 << (precision - 1)) if precision else moved @ weights.T
-    out = np.clip(np.floor(acc / (1 << precision)), 0, 255).astype(np.uint8)
-    return np.moveaxis(out, -1, axis)
+def _span(first: np.ndarray, taps: np.ndarray) -> tuple[int, int]:
+    """The input indices `[lo, hi)` that the nonzero taps of these outputs read."""
+    index = first[:, None] + np.arange(taps.shape[1])
+    return int(first[0]), int(index[taps != 0].max()) + 1
 
 
-def resize_uint8_antialias(images: np.ndarray, height: int, width: int, resample: int = BICUBIC) -> np.ndarray:
-    """`[..., H, W, C]` uint8 -> `[..., height, width, C]` uint8, horizontal pass first; an unchanged axis is kept."""
-    if images.shape[-2] != width:
-        images = _pass(images, *_int16_weights(images.shape[-2], width, resample), axis=-2)
-    if images.shape[-3] != height:
-        images = _pass(images, *_int16_weights(images.shape[-3], height, resample), axis=-3)
-    return images
+def _bands(first: np.ndarray, taps: np.ndarray):
+    """Blocks of consecutive outputs: (output offset, input span start, dense `[outputs, span]` taps)."""
+    for offset in range(0, len(first), _BLOCK):
+        block_first, block = first[offset : offset + _BLOCK], taps[offset : offset + _BLOCK]
+        lo, hi = _span(block_first, block)
+        dense = np.zeros((len(block), hi - lo))
+        rows, columns = np.nonzero(block)
+        dense[rows, block_first[rows] - lo + columns] = block[rows, columns]
+        yield offset, lo, dense
 
 
-def center_crop_offsets(height: int, width: int, crop_height: int, crop_width: int) -> tuple[int, int]:
-    """torchvision's `center_crop` offsets (Python rounding of half the margin, not floor division)."""
-    return int(round((height - crop_height) / 2.0)), int(round((width - crop_width) / 2.0))
+def _to_uint8(acc: np.ndarray, precision: int) -> np.ndarray:
+    """Pillow's `clip8((acc + half) >> precision)` on exact float64 integers."""
+    acc += (1 << precision) >> 1
+    acc *= 1.0 / (1 << precision)
+    return np.clip(np.floor(acc, out=acc), 0, 255, out=acc)
+
+
+def _pass(image: np.ndarray, in_first: int, weights: tuple[np.ndarray, np.ndarray, int], axis: int) -> np.ndarray:
+    """One separable pass over a `[H, N, W]` uint8 array along `axis` (0 or 2), each block one matrix product;
+    `image` holds the inputs from index `in_first` on."""
+    first, taps, precision = weights
+    shape = list(image.shape)
+    shape[axis] = len(first)
+    out = np.empty(shape, dtype=np.uint8)
+    for offset, lo, dense in _bands(first - in_first, taps):
+        end, hi = offset + len(dense), lo + dense.shape[1]
+        if axis == 2:
+            span = image[:, :, lo:hi].astype(np.float64).reshape(-1, hi - lo)
+            out[:, :, offset:end] = _to_uint8(span @ dense.T, precision).reshape(*shape[:2], end - offset)
+        else:
+            span = image[lo:hi].astype(np.float64).reshape(hi - lo, -1)
+            out[offset:end] = _to_uint8(dense @ span, precision).reshape(end - offset, *shape[1:])
+    return out
+
+
+def _window(size: int, start: int, length: int) -> tuple[int, int]:
+    """The part `[lo, hi)` of `[start, start + length)` inside `[0, size)`; `(start, start)` when they do not meet."""
+    lo, hi = max(start, 0), min(start + length, size)
+    return (lo, hi) if lo < hi else (start, start)
+
+
+def resize_uint8_antialias(
+    images: np.ndarray, height: int, width: int, resample: int = BICUBIC, crop: tuple[int, int, int, int] | None = None
+) -> np.ndarray:
+    """`[..., H, W, C]` uint8 -> `[..., height, width, C]` uint8, horizontal pass first; an unchanged axis is kept.
+
+    With `crop=(top, left, crop_height, crop_width)`, only that window of the resized image is computed; the parts of
+    it outside the image are zeros (torchvision pads a center crop larger than the image with zeros)."""
+    top, left, out_height, out_width = crop if crop is not None else (0, 0, height, width)
+    rows, cols = _window(height, top, out_height), _window(width, left, out_width)
+    *batch, in_height, in_width, channels = images.shape
+    vertical = _int16_weights(in_height, height, resample, *rows) if height != in_height else None
+    needed = _span(*vertical[:2]) if vertical is not None and rows[1] > rows[0] else rows
+    # [H, N, W] with N = images x channels: each pass is one matrix product per block of outputs
+    count = int(np.prod(batch, dtype=np.int64))
+    hnw = images.reshape(count, in_height, in_width, channels)[:, needed[0] : needed[1]].transpose(1, 0, 3, 2)
+    hnw = np.ascontiguousarray(hnw).reshape(needed[1] - needed[0], count * channels, in_width)
+    if width != in_width:
+        hnw = _pass(hnw, 0, _int16_weights(in_width, width, resample, *cols), axis=2)
+    else:
+        hnw = hnw[:, :, cols[0] : cols[1]]
+    if vertical is not None:
+        hnw = _pass(hnw, needed[0], vertical, axis=0)
+    padding = [(rows[0] - top, top + out_height - rows[1]), (0, 0), (cols[0] - left, left + out_width - cols[1])]
+    hnw = np.pad(hnw, padding)
+    return (
+        hnw.reshape(out_height, count, channels, out_width).transpose(1, 0, 3, 2).reshape(*batch, out_height, out_width, channels)
+    )
+
+
+def center_crop_window(height: int, width: int, crop_height: int, crop_width: int) -> tuple[int, int, int, int]:
+    """transformers' video `center_crop` as a window `(top, left, crop_height, crop_width)` of a `height x width` image:
+    the margin halved and truncated, or, where the crop is larger, a negative offset for the zero padding."""
+
+    def start(size: int, crop: int) -> int:
+        return -((crop - size) // 2) if crop > size else (size - crop) // 2
+
+    return start(height, crop_height), start(width, crop_width), crop_height, crop_width

@@ -10,7 +10,7 @@ import numpy as np
 
 from .errors import InputError
 from .image_processing import MAX_IMAGE_PIXELS, FromManifest, check_image_size, rescale_and_normalize, shortest_edge_size
-from .resize import center_crop_offsets, resize_uint8_antialias
+from .resize import center_crop_window, resize_uint8_antialias
 
 VideoInput = Union[str, Path, np.ndarray]
 
@@ -96,16 +96,16 @@ class VideoProcessor(FromManifest):
     do_normalize: bool = True
 
     def preprocess(self, frames: np.ndarray) -> np.ndarray:
-        """`[T, H, W, 3]` uint8 frames -> `[T, 3, height, width]` float32."""
+        """`[T, H, W, 3]` uint8 frames -> `[T, 3, height, width]` float32; only the cropped window is resized."""
         frames = _check_frames(frames)
+        height, width = frames.shape[1:3]
         if self.do_resize:
             if "shortest_edge" in self.size:
-                height, width = shortest_edge_size(frames.shape[1], frames.shape[2], self.size["shortest_edge"])
+                height, width = shortest_edge_size(height, width, self.size["shortest_edge"])
             else:
                 height, width = self.size["height"], self.size["width"]
-            frames = resize_uint8_antialias(frames, height, width, self.resample)
-        if self.do_center_crop:
-            crop_height, crop_width = self.crop_size["height"], self.crop_size["width"]
-            top, left = center_crop_offsets(frames.shape[1], frames.shape[2], crop_height, crop_width)
-            frames = frames[:, top : top + crop_height, left : left + crop_width]
+        crop = (
+            center_crop_window(height, width, self.crop_size["height"], self.crop_size["width"]) if self.do_center_crop else None
+        )
+        frames = resize_uint8_antialias(frames, height, width, self.resample, crop)
         return np.ascontiguousarray(rescale_and_normalize(np.moveaxis(frames, -1, 1), self))
