@@ -1,0 +1,109 @@
+"""What every command shares (`runtime/console.py`), in real processes: the extra check, quiet third-party logs,
+signals turned into a clean exit that runs cleanup, progress bars only on a terminal."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import pty
+import signal
+import struct
+import subprocess
+import sys
+import termios
+import time
+import types
+
+import pytest
+
+from llava_rt.runtime.console import MissingExtra, require_extra
+
+# A command built on run_command: `--log` logs INFO and WARNING from a third-party logger created after the
+# logging is configured; `--wait FILE` writes FILE and sleeps, its cleanup prints "cleaned up".
+COMMAND = """
+import argparse, logging, sys, time
+from pathlib import Path
+from llava_rt.runtime.console import add_standard_options, progress, run_command, say
+
+def body(args):
+    if args.log:
+        logging.getLogger("somelib.module").info("an info line")
+        logging.getLogger("somelib.module").warning("a warning line")
+    if args.bar:
+        bar = progress(total=2, desc="stages", unit="stage")
+        say("first stage")
+        bar.update()
+        bar.close()
+    if args.wait:
+        try:
+            Path(args.wait).write_text("started")
+            time.sleep(60)
+        finally:
+            print("cleaned up", file=sys.stderr)
+    return 0
+
+parser = argparse.ArgumentParser(prog="demo-command")
+parser.add_argument("--log", action="store_true")
+parser.add_argument("--bar", action="store_true")
+parser.add_argument("--wait")
+sys.exit(run_command(add_standard_options(parser), body))
+"""
+
+
+def command(*args: str, **options) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", COMMAND, *args], text=True, **options)
+
+
+def test_a_blocked_module_and_a_module_without_spec_count_as_missing(monkeypatch):
+    monkeypatch.setitem(sys.modules, "blocked_module", None)
+    monkeypatch.setitem(sys.modules, "specless_module", types.ModuleType("specless_module"))  # __spec__ is None
+    with pytest.raises(MissingExtra, match=r'\(blocked_module, specless_module not installed\): pip install "llava-rt\[x\]"'):
+        require_extra("x", ["json", "blocked_module", "specless_module"])
+    require_extra("x", ["json"])
+
+
+def test_third_party_info_logs_only_with_verbose():
+    quiet = command("--log", stderr=subprocess.PIPE).communicate(timeout=60)[1]
+    assert "a warning line" in quiet and "an info line" not in quiet
+    verbose = command("--log", "--verbose", stderr=subprocess.PIPE).communicate(timeout=60)[1]
+    assert "an info line" in verbose and "somelib.module" in verbose
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
+def test_a_signal_runs_cleanup_and_exits_130(tmp_path, signum):
+    started = tmp_path / "started"
+    process = command("--wait", str(started), stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while not started.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signum)
+    stderr = process.communicate(timeout=60)[1]
+    assert process.returncode == 130
+    assert [line for line in stderr.splitlines() if line] == ["cleaned up", "demo-command: interrupted"]
+
+
+def _stderr_on_a_terminal(*args: str) -> str:
+    """Run the command with stderr on a pseudo-terminal of 100 columns; what it drew there."""
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 100, 0, 0))
+    process = command(*args, stderr=follower, stdout=subprocess.DEVNULL)
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:  # EIO: the process closed the terminal
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(leader)
+    assert process.wait(timeout=60) == 0
+    return b"".join(chunks).decode(errors="replace")
+
+
+def test_progress_bar_on_a_terminal_and_nothing_otherwise():
+    drawn = _stderr_on_a_terminal("--bar")
+    assert "stages:" in drawn and "0/2" in drawn and "first stage" in drawn
+    piped = command("--bar", stderr=subprocess.PIPE).communicate(timeout=60)[1]
+    assert piped.splitlines() == ["first stage"]
