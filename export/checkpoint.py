@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..runtime.errors import CheckpointError
+from ..runtime.chat import ChatTemplate
+from ..runtime.errors import CheckpointError, LlavaRtError
 
 # model_type -> transformers class that loads it. Later families add themselves here.
 MODEL_CLASSES = {
@@ -35,23 +36,70 @@ class Checkpoint:
         return self.config["model_type"]
 
     @property
+    def model_class(self) -> str:
+        """The transformers class that loads this checkpoint."""
+        return MODEL_CLASSES[self.model_type]
+
+    @property
     def tokenizer_file(self) -> Path:
         return self.path / "tokenizer.json"
 
 
 def _read_json(path: Path) -> dict[str, Any]:
+    """A checkpoint's JSON file as a dict (empty when absent); anything but a UTF-8 JSON object is refused."""
     if not path.is_file():
         return {}
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:  # ValueError: bad JSON or not UTF-8
         raise CheckpointError(f"unreadable {path.name} in checkpoint: {exc}") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path.name} in checkpoint must hold a JSON object, not {type(value).__name__}")
+    return value
+
+
+def _check_config(path: Path, config: dict[str, Any]) -> None:
+    """The fields of config.json that pick what to load."""
+    if not config:
+        raise CheckpointError(f"not a Hugging Face checkpoint (no config.json): {path}")
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str) or model_type not in MODEL_CLASSES:
+        supported = ", ".join(sorted(MODEL_CLASSES))
+        raise CheckpointError(f"not a supported LLaVA checkpoint: model_type is {model_type!r} (supported: {supported})")
+    architectures = config.get("architectures", [MODEL_CLASSES[model_type]])
+    if not isinstance(architectures, list) or not architectures or not all(isinstance(a, str) for a in architectures):
+        raise CheckpointError(f"config.json: architectures must be a non-empty list of class names, got {architectures!r}")
+
+
+def _check_tokenizer(path: Path) -> None:
+    """tokenizer.json must load as a fast tokenizer (what the runtime uses)."""
+    from tokenizers import Tokenizer
+
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint has no tokenizer.json (a fast tokenizer is required): {path.parent}")
+    try:
+        Tokenizer.from_file(str(path))
+    except Exception as exc:  # tokenizers raises a bare Exception for every parse error
+        raise CheckpointError(f"unreadable tokenizer.json in checkpoint: {exc}") from None
+
+
+def _check_chat_template(path: Path, template: str | None) -> None:
+    """Compile the chat template as the runtime will, so that a syntax error fails here and not at load."""
+    if template is None:
+        return
+    try:
+        ChatTemplate(template, {})
+    except LlavaRtError as exc:
+        raise CheckpointError(f"checkpoint {path}: {exc}") from None
 
 
 def _find_chat_template(path: Path, processor: dict, tokenizer_config: dict) -> str | None:
     """The chat template, wherever this checkpoint's transformers version saved it."""
     if (path / "chat_template.jinja").is_file():
-        return (path / "chat_template.jinja").read_text()
+        try:
+            return (path / "chat_template.jinja").read_text(encoding="utf-8")
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"unreadable chat_template.jinja in checkpoint: {exc}") from None
     for source in (_read_json(path / "chat_template.json"), processor, tokenizer_config):
         template = source.get("chat_template")
         if isinstance(template, str):
@@ -67,42 +115,79 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     if not path.is_dir():
         raise CheckpointError(f"checkpoint path is not a directory: {path}")
     config = _read_json(path / "config.json")
-    if not config:
-        raise CheckpointError(f"not a Hugging Face checkpoint (no config.json): {path}")
-    model_type = config.get("model_type")
-    if model_type not in MODEL_CLASSES:
-        supported = ", ".join(sorted(MODEL_CLASSES))
-        raise CheckpointError(f"not a supported LLaVA checkpoint: model_type is {model_type!r} (supported: {supported})")
+    _check_config(path, config)
     if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
         raise CheckpointError(f"checkpoint has no weights (*.safetensors): {path}")
-    if not (path / "tokenizer.json").is_file():
-        raise CheckpointError(f"checkpoint has no tokenizer.json (a fast tokenizer is required): {path}")
+    _check_tokenizer(path / "tokenizer.json")
     processor = _read_json(path / "processor_config.json")
-    image_processor = _read_json(path / "preprocessor_config.json") or processor.get("image_processor", {})
+    image_processor = _read_json(path / "preprocessor_config.json") or _section(processor, "image_processor")
     if not image_processor:
         raise CheckpointError(f"checkpoint has no image processor config (preprocessor_config.json): {path}")
     tokenizer_config = _read_json(path / "tokenizer_config.json")
+    chat_template = _find_chat_template(path, processor, tokenizer_config)
+    _check_chat_template(path, chat_template)
     return Checkpoint(
         path=path,
         config=config,
         image_processor=image_processor,
-        video_processor=_read_json(path / "video_preprocessor_config.json") or processor.get("video_processor", {}),
+        video_processor=_read_json(path / "video_preprocessor_config.json") or _section(processor, "video_processor"),
         processor=processor,
         tokenizer_config=tokenizer_config,
         generation_config=_read_json(path / "generation_config.json"),
-        chat_template=_find_chat_template(path, processor, tokenizer_config),
+        chat_template=chat_template,
     )
 
 
-def load_model(checkpoint: Checkpoint, torch_dtype):
-    """Load the transformers model in eval mode, in `torch_dtype`, with eager attention."""
-    import transformers
+def _section(processor: dict[str, Any], key: str) -> dict[str, Any]:
+    """A sub-processor's config inside processor_config.json (empty when absent)."""
+    value = processor.get(key, {})
+    if not isinstance(value, dict):
+        raise CheckpointError(f"processor_config.json: {key} must be a JSON object, not {type(value).__name__}")
+    return value
 
-    model_class = getattr(transformers, MODEL_CLASSES[checkpoint.model_type])
+
+def load_model(checkpoint: Checkpoint, torch_dtype):
+    """Load the transformers model in eval mode, in `torch_dtype`, with eager attention. A weight the checkpoint
+    lacks, or holds in another shape, is an error naming it (transformers would initialize it at random)."""
+    import transformers
+    from transformers.utils import logging as hf_logging
+
+    model_class = getattr(transformers, checkpoint.model_class)
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()  # its load report is turned into the error below
+    hf_logging.disable_progress_bar()
     try:
-        model = model_class.from_pretrained(
-            checkpoint.path, dtype=torch_dtype, local_files_only=True, attn_implementation="eager"
+        model, info = model_class.from_pretrained(
+            checkpoint.path,
+            dtype=torch_dtype,
+            local_files_only=True,
+            attn_implementation="eager",
+            output_loading_info=True,
+            ignore_mismatched_sizes=True,
         )
     except Exception as exc:  # transformers raises many types for broken checkpoints
         raise CheckpointError(f"could not load the checkpoint weights: {exc}".splitlines()[0]) from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+    mismatched = sorted(str(entry[0]) if isinstance(entry, tuple) else str(entry) for entry in info["mismatched_keys"])
+    if mismatched:
+        raise CheckpointError(f"checkpoint tensors have the wrong shape for this config: {_names(mismatched)}")
+    missing = _missing_weights(model, info["missing_keys"])
+    if missing:
+        raise CheckpointError(f"checkpoint lacks {len(missing)} weight(s): {_names(missing)}")
     return model.eval()
+
+
+def _missing_weights(model, missing_keys) -> list[str]:
+    """The parameters transformers initialized at random: missing, and not tied to a loaded one (lm_head sharing
+    the embedding table is absent from tied checkpoints on purpose). Missing buffers are computed, not loaded."""
+    parameters = dict(model.named_parameters(remove_duplicate=False))
+    loaded = {param.data_ptr() for name, param in parameters.items() if name not in missing_keys}
+    return sorted(key for key in missing_keys if key in parameters and parameters[key].data_ptr() not in loaded)
+
+
+def _names(keys: list[str], shown: int = 3) -> str:
+    more = f" and {len(keys) - shown} more" if len(keys) > shown else ""
+    return ", ".join(keys[:shown]) + more
