@@ -13,7 +13,10 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from ..runtime.errors import LlavaRtError
+from ..runtime.console import add_standard_options, run_command, say
+from ..runtime.errors import InputError
+from .options import EXTRA
+from .staging import staged_directory
 
 DEFAULT_WORKDIR = Path.home() / ".cache" / "llava-rt" / "demo"
 QUESTION = "What is shown in this image?"
@@ -30,7 +33,7 @@ def draw_image(path: Path) -> Path:
     return path
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llava-demo", description=__doc__.splitlines()[0])
     parser.add_argument(
         "--workdir",
@@ -38,32 +41,40 @@ def main(argv: list[str] | None = None) -> int:
         default=DEFAULT_WORKDIR,
         help=f"where to put the checkpoint and bundle (default: {DEFAULT_WORKDIR})",
     )
-    parser.add_argument("--max-new-tokens", type=int, default=24)
-    args = parser.parse_args(argv)
+    parser.add_argument("--max-new-tokens", type=int, default=24, help="most tokens to generate (default: 24)")
+    return add_standard_options(parser)
 
+
+def _workdir(path: Path) -> Path:
+    """The work directory, created if needed; a path that is not a usable directory is an error."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"--workdir {path} cannot be used as a directory: {exc.strerror or exc}") from None
+    return path
+
+
+def _demo(args: argparse.Namespace) -> int:
     from ..runtime import Pipeline
     from .exporter import export_bundle
     from .tiny_checkpoint import build_tiny_checkpoint
 
-    def log(message: str) -> None:
-        print(message, file=sys.stderr)
+    if args.max_new_tokens < 1:
+        raise InputError("--max-new-tokens must be at least 1")
+    workdir = _workdir(args.workdir)
+    checkpoint, bundle = workdir / "checkpoint", workdir / "bundle"
+    started = time.perf_counter()
+    say(f"building a tiny random-weight LLaVA-NeXT (Mistral) checkpoint in {checkpoint}")
+    with staged_directory(checkpoint) as staging:
+        build_tiny_checkpoint(staging)
+    export_bundle(checkpoint, bundle, force=True, log=say)
+    export_s = time.perf_counter() - started
+    image = draw_image(workdir / "shapes.png")
 
-    try:
-        checkpoint, bundle = args.workdir / "checkpoint", args.workdir / "bundle"
-        started = time.perf_counter()
-        log(f"building a tiny random-weight LLaVA-NeXT (Mistral) checkpoint in {checkpoint}")
-        build_tiny_checkpoint(checkpoint)
-        export_bundle(checkpoint, bundle, force=True, log=log)
-        export_s = time.perf_counter() - started
-        image = draw_image(args.workdir / "shapes.png")
-
-        started = time.perf_counter()
-        pipeline = Pipeline.load(bundle)
-        load_s = time.perf_counter() - started
-        result = pipeline.generate(prompt=QUESTION, images=[image], max_new_tokens=args.max_new_tokens)
-    except LlavaRtError as exc:
-        log(f"llava-demo: error: {exc}")
-        return 2
+    started = time.perf_counter()
+    pipeline = Pipeline.load(bundle)
+    load_s = time.perf_counter() - started
+    result = pipeline.generate(prompt=QUESTION, images=[image], max_new_tokens=args.max_new_tokens)
 
     print(f"prompt:  {result.prompt!r}")
     print(f"image:   {image} (320x240 -> {result.input_tokens} prompt tokens)")
@@ -76,6 +87,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"again:   llava-run {bundle} --image {image} --prompt {QUESTION!r}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(_parser(), _demo, argv, extra=EXTRA)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,6 +14,7 @@ import onnx
 import torch
 
 from ..runtime.bundle import MANIFEST_NAME, read_array, sha256_file
+from ..runtime.console import progress
 from ..runtime.errors import ExportError
 from ..runtime.kv_cache import new_names, past_names
 from . import verify
@@ -22,10 +22,30 @@ from .checkpoint import load_model, read_checkpoint
 from .graphs import DecoderWithCache, Projector, VideoPooler, VisionFeatures
 from .manifest import build_manifest, describe_io, feature_layers
 from .onnx_export import export_onnx
-from .quantize import PRECISIONS, measure_drift, quantize_decoder
+from .options import DTYPES, PRECISIONS
+from .quantize import measure_drift, quantize_decoder
+from .staging import check_destination, staged_directory
 
-DTYPES = {"fp32": np.float32, "fp16": np.float16}
+NUMPY_DTYPES = {"fp32": np.float32, "fp16": np.float16}
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+
+
+class _Stages:
+    """The export's stages, announced as `[k/n] ...` through `log` and counted on a progress bar on a terminal."""
+
+    def __init__(self, names: list[str], log: Callable[[str], None]):
+        self._names, self._log, self._done = names, log, 0
+        self._bar = progress(total=len(names), desc="export", unit="stage")
+
+    def next(self) -> None:
+        """Finish the current stage (if any) and announce the next one."""
+        if self._done:
+            self._bar.update()
+        self._done += 1
+        self._log(f"[{self._done}/{len(self._names)}] {self._names[self._done - 1]}")
+
+    def close(self) -> None:
+        self._bar.close()
 
 
 def ties_embeddings(model) -> bool:
@@ -56,7 +76,6 @@ def _tied_table(graph_path: Path, embed: np.ndarray) -> dict[str, Any]:
 
 def _add_quantized_decoder(manifest: dict[str, Any], work: Path, precision: str, embed: np.ndarray, log) -> None:
     """Quantize the decoder's weights, point the manifest at the copy, record drift and sizes against fp32."""
-    log(f"[4/4] quantizing the decoder weights to {precision} (block-wise MatMulNBits)")
     reference = work / "decoder.onnx"
     quantized = quantize_decoder(reference, precision)
     drift = measure_drift(reference, quantized, embed, manifest["graphs"]["decoder"]["kv_cache"])
@@ -83,9 +102,10 @@ def _add_quantized_decoder(manifest: dict[str, Any], work: Path, precision: str,
 
 
 def _export_graphs(
-    model, work: Path, dtype: str, tolerance: float, log: Callable[[str], None]
+    model, work: Path, dtype: str, tolerance: float, stages: _Stages, log: Callable[[str], None]
 ) -> tuple[dict[str, Any], dict[str, float]]:
-    """Export vision, projector and decoder graphs into `work`, verifying each; returns manifest entries and diffs."""
+    """Export vision, projector and decoder graphs into `work` (two stages), verifying each; returns manifest
+    entries and diffs."""
     torch_dtype = TORCH_DTYPES[dtype]
     config = model.config
     vision_config, text_config = config.vision_config, config.text_config
@@ -102,7 +122,7 @@ def _export_graphs(
         if not diff <= tolerance:
             raise ExportError(f"{name} graph differs from PyTorch by {diff:.3e} (> {tolerance:.0e}); export aborted")
 
-    log("[2/4] exporting the vision graph")
+    stages.next()
     vision = VisionFeatures(model.model.vision_tower, feature_layers(config), config.vision_feature_select_strategy)
     size = vision_config.image_size
     pixel_values = torch.randn(2, 3, size, size, generator=generator).to(torch_dtype)
@@ -142,7 +162,7 @@ def _export_graphs(
         )
         record("video_pool", verify.verify_graph(work / "video_pool.onnx", pooler, features, "image_features")[0])
 
-    log("[3/4] exporting the decoder graph (KV cache)")
+    stages.next()
     decoder = DecoderWithCache(model.model.language_model, model.lm_head)
     num_layers = text_config.num_hidden_layers
     head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
@@ -188,9 +208,10 @@ def export_bundle(
 ) -> dict[str, Any]:
     """Export a checkpoint into a bundle at `out_dir`; returns the manifest. Nothing is left behind on failure.
 
-    Each graph must match PyTorch within `tolerance` (max abs difference; default per dtype, see
-    `verify.TOLERANCE`). `precision` ("int8" or "int4") adds a weight-only quantized decoder, which the
-    runtime then uses; the fp32 decoder stays as the reference and the drift between them is recorded.
+    The checkpoint and `out_dir` are checked before any heavy work; `force` replaces an existing bundle or an
+    empty directory, nothing else. Each graph must match PyTorch within `tolerance` (max abs difference;
+    default per dtype, see `verify.TOLERANCE`). `precision` ("int8" or "int4") adds a weight-only quantized
+    decoder, which the runtime then uses; the fp32 decoder stays as the reference and the drift is recorded.
     """
     if dtype not in DTYPES:
         raise ExportError(f"unsupported dtype {dtype!r} (choose from {', '.join(DTYPES)})")
@@ -198,41 +219,45 @@ def export_bundle(
         raise ExportError(f"--precision takes {' or '.join(PRECISIONS)} and quantizes an fp32 export, got {precision!r}")
     tolerance = verify.TOLERANCE[dtype] if tolerance is None else tolerance
     out_dir = Path(out_dir)
-    if out_dir.exists() and not force:
-        raise ExportError(f"output already exists: {out_dir} (use --force to replace it)")
     checkpoint = read_checkpoint(checkpoint_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    check_destination(out_dir, force, keep=checkpoint.path)
     started = time.perf_counter()
-    log(f"[1/4] loading {checkpoint.config.get('architectures', ['model'])[0]} from {checkpoint.path} ({dtype})")
-    model = load_model(checkpoint, TORCH_DTYPES[dtype])
-
-    work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    names = [
+        f"loading {checkpoint.model_class} from {checkpoint.path} ({dtype})",
+        "exporting the vision graphs",
+        "exporting the decoder graph (KV cache)",
+        "writing embeddings, tokenizer and chat template",
+        *([f"quantizing the decoder weights to {precision} (block-wise MatMulNBits)"] if precision else []),
+        "writing checksums and manifest",
+    ]
+    stages = _Stages(names, log)
     try:
-        graphs, diffs = _export_graphs(model, work, dtype, tolerance, log)
-        log("[4/4] writing embeddings, tokenizer, chat template and manifest")
-        embed = model.get_input_embeddings().weight.detach().float().numpy().astype(DTYPES[dtype])
-        arrays = {"image_newline": "image_newline.npy", "embed_tokens": "embed_tokens.npy"}
-        if ties_embeddings(model):
-            arrays["embed_tokens"] = _tied_table(work / "decoder.onnx", embed)
-        else:
-            np.save(work / "embed_tokens.npy", embed)
-        np.save(work / "image_newline.npy", model.model.image_newline.detach().float().numpy().astype(DTYPES[dtype]))
-        shutil.copyfile(checkpoint.tokenizer_file, work / "tokenizer.json")
-        if checkpoint.chat_template is not None:
-            (work / "chat_template.jinja").write_text(checkpoint.chat_template)
-        manifest = build_manifest(checkpoint, model, dtype, graphs, arrays, diffs, tolerance)
-        if precision is not None:
-            _add_quantized_decoder(manifest, work, precision, embed, log)
-        manifest["files"] = {
-            p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in sorted(work.iterdir()) if p.is_file()
-        }
-        (work / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
-        work.chmod(0o755)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        work.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
+        with staged_directory(out_dir) as work:
+            stages.next()
+            model = load_model(checkpoint, TORCH_DTYPES[dtype])
+            graphs, diffs = _export_graphs(model, work, dtype, tolerance, stages, log)
+            stages.next()
+            embed = model.get_input_embeddings().weight.detach().float().numpy().astype(NUMPY_DTYPES[dtype])
+            arrays = {"image_newline": "image_newline.npy", "embed_tokens": "embed_tokens.npy"}
+            if ties_embeddings(model):
+                arrays["embed_tokens"] = _tied_table(work / "decoder.onnx", embed)
+            else:
+                np.save(work / "embed_tokens.npy", embed)
+            newline = model.model.image_newline.detach().float().numpy().astype(NUMPY_DTYPES[dtype])
+            np.save(work / "image_newline.npy", newline)
+            shutil.copyfile(checkpoint.tokenizer_file, work / "tokenizer.json")
+            if checkpoint.chat_template is not None:
+                (work / "chat_template.jinja").write_text(checkpoint.chat_template, encoding="utf-8")
+            manifest = build_manifest(checkpoint, model, dtype, graphs, arrays, diffs, tolerance)
+            if precision is not None:
+                stages.next()
+                _add_quantized_decoder(manifest, work, precision, embed, log)
+            stages.next()
+            manifest["files"] = {
+                p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in sorted(work.iterdir()) if p.is_file()
+            }
+            (work / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+    finally:
+        stages.close()
     log(f"wrote {out_dir} in {time.perf_counter() - started:.1f}s")
     return manifest

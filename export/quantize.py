@@ -13,24 +13,35 @@ from typing import Any
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
 from ..runtime.kv_cache import KVCache
+from .options import PRECISIONS
 
-PRECISIONS = {"int8": 8, "int4": 4}
 BLOCK_SIZE = 32
 DRIFT_PROMPTS = 8
 DRIFT_PROMPT_LENGTH = 24
 
 
+def _quantizer_module():
+    """onnxruntime's weight-only quantizer. Importing it runs `logging.basicConfig(level=INFO)`, which would turn on
+    every library's INFO logs (about 200 lines per export from onnxscript alone): the root logger is restored."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    from onnxruntime.quantization import matmul_nbits_quantizer
+
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    return matmul_nbits_quantizer
+
+
 def quantize_decoder(reference: Path, precision: str) -> Path:
     """Write `decoder.<precision>.onnx` (+ `.data`) next to the fp32 decoder; returns its path."""
+    quantizer_module = _quantizer_module()
     logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)  # it logs every node at INFO
-    bits = PRECISIONS[precision]
-    config = DefaultWeightOnlyQuantConfig(block_size=BLOCK_SIZE, is_symmetric=True, accuracy_level=4, bits=bits)
-    quantizer = MatMulNBitsQuantizer(
-        onnx.load(reference), bits=bits, block_size=BLOCK_SIZE, is_symmetric=True, algo_config=config
+    config = quantizer_module.DefaultWeightOnlyQuantConfig(
+        block_size=BLOCK_SIZE, is_symmetric=True, accuracy_level=4, bits=PRECISIONS[precision]
     )
+    quantizer = quantizer_module.MatMulNBitsQuantizer(onnx.load(reference), algo_config=config)
     quantizer.process()
     target = reference.with_name(f"{reference.stem}.{precision}.onnx")
     onnx.save_model(

@@ -1,0 +1,253 @@
+"""`llava-export` and `llava-demo` as processes: missing extras, quiet and numbered output, checks of the
+checkpoint and of `--out` before any heavy work, and nothing left behind on SIGTERM or SIGHUP."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import assert_one_line_error, run
+from llava_rt import __version__
+from llava_rt.export.tiny_checkpoint import build_tiny_checkpoint
+
+# What a runtime-only install lacks: the modules of the export and bench extras.
+EXTRA_MODULES = ("torch", "transformers", "onnx", "onnxscript", "onnx_ir", "safetensors", "torchvision", "matplotlib")
+COMMANDS = {"llava-export": "llava_rt.export.cli", "llava-demo": "llava_rt.export.demo", "llava-bench": "llava_rt.benchmarks.cli"}
+
+
+def run_without(modules, module: str, *args: str) -> subprocess.CompletedProcess:
+    """Run `module`'s `main(args)` in a fresh interpreter where `modules` cannot be imported."""
+    code = (
+        "import sys\n"
+        f"for name in {list(modules)!r}: sys.modules[name] = None\n"
+        f"from {module} import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "checkpoint")
+
+
+@pytest.fixture
+def copy(checkpoint, tmp_path) -> Path:
+    """A copy of the tiny checkpoint this test may break."""
+    return Path(shutil.copytree(checkpoint, tmp_path / "checkpoint"))
+
+
+@pytest.fixture(scope="module")
+def exported(checkpoint, tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
+    """`llava-export --precision int8` of the tiny checkpoint, as a process: its result and the bundle."""
+    out = tmp_path_factory.mktemp("exported") / "bundle"
+    return run("llava_rt.export.cli", "--checkpoint", str(checkpoint), "--out", str(out), "--precision", "int8"), out
+
+
+def leftovers(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir() if p.name.startswith("."))
+
+
+@pytest.mark.parametrize(
+    "program, args, extra",
+    [
+        ("llava-export", ["--checkpoint", "ck", "--out", "b"], "export"),
+        ("llava-demo", [], "export"),
+        ("llava-bench", ["--checkpoint", "ck"], "bench"),
+    ],
+)
+def test_commands_without_their_extra_print_one_line_naming_it(program, args, extra):
+    result = run_without(EXTRA_MODULES, COMMANDS[program], *args)
+    assert result.returncode == 2
+    assert_one_line_error(result, program, f'pip install "llava-rt[{extra}]"')
+
+
+def test_bench_needs_matplotlib_and_torchvision_too():
+    for module in ("matplotlib", "torchvision"):
+        result = run_without([module], COMMANDS["llava-bench"], "--checkpoint", "ck")
+        assert result.returncode == 2
+        assert_one_line_error(result, "llava-bench", f'{module} not installed): pip install "llava-rt[bench]"')
+
+
+@pytest.mark.parametrize("program", sorted(COMMANDS))
+def test_version_and_verbose_without_the_extra(program):
+    result = run_without(EXTRA_MODULES, COMMANDS[program], "--version")
+    assert result.returncode == 0 and result.stdout.strip() == f"{program} {__version__}"
+    result = run_without(EXTRA_MODULES, COMMANDS[program], "--help")
+    assert result.returncode == 0 and "--verbose" in result.stdout
+
+
+def test_export_prints_only_its_own_numbered_stages(exported):
+    """No INFO lines from onnxscript/onnx_ir (onnxruntime's quantizer turned them on at import), no transformers
+    progress bar, and each stage numbered once out of the right total, whatever the options."""
+    result, out = exported
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.splitlines()
+    stages = [re.match(r"\[(\d+)/(\d+)\] ", line) for line in lines]
+    numbers = [(int(m[1]), int(m[2])) for m in stages if m]
+    assert numbers == [(k, 6) for k in range(1, 7)], lines
+    others = [line for line, m in zip(lines, stages) if not m]
+    assert all(line.startswith(("  ", "wrote ")) for line in others), others
+    assert any("quantizing the decoder weights to int8" in line for line in lines)
+    assert (out / "manifest.json").is_file() and leftovers(out.parent) == []
+
+
+def test_verbose_export_shows_the_libraries_logs(checkpoint, tmp_path):
+    result = run("llava_rt.export.cli", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "b"), "--verbose")
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"\b(onnx_ir|onnxscript)\.\w+", result.stderr), result.stderr[:2000]
+
+
+def test_library_export_leaves_the_logging_configuration_alone(exported, tmp_path):
+    """Quantizing imports onnxruntime's quantizer, whose import calls `logging.basicConfig(level=INFO)`."""
+    decoder = tmp_path / "decoder.onnx"
+    shutil.copyfile(exported[1] / "decoder.onnx", decoder)
+    code = (
+        "import logging, sys\n"
+        "from pathlib import Path\n"
+        "from llava_rt.export.quantize import quantize_decoder\n"
+        "quantize_decoder(Path(sys.argv[1]), 'int4')\n"
+        "root = logging.getLogger()\n"
+        "print(root.level, len(root.handlers))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code, str(decoder)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == [str(30), "0"] and result.stderr == ""
+    assert (tmp_path / "decoder.int4.onnx").is_file()
+
+
+def _write(path: Path, content: str | bytes) -> None:
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+
+
+def _edit_config(path: Path, **changes) -> None:
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, **changes}))
+
+
+@pytest.mark.parametrize(
+    "damage, fragment",
+    [
+        (lambda ck: _write(ck / "config.json", "[1, 2]"), "config.json in checkpoint must hold a JSON object"),
+        (lambda ck: _write(ck / "config.json", b'{"model_type": "llava_next\xff"}'), "unreadable config.json"),
+        (lambda ck: _edit_config(ck, model_type=["llava_next"]), "model_type is ['llava_next']"),
+        (lambda ck: _edit_config(ck, architectures=[]), "architectures must be a non-empty list"),
+        (lambda ck: _write(ck / "tokenizer.json", '{"model": {"type": "BPE"'), "unreadable tokenizer.json"),
+        (lambda ck: _write(ck / "processor_config.json", '"text"'), "processor_config.json in checkpoint must hold a JSON"),
+        (lambda ck: _write(ck / "chat_template.jinja", "{% for message in messages %}"), "chat template does not compile"),
+    ],
+)
+def test_malformed_checkpoint_files_fail_in_one_line_before_export(copy, tmp_path, damage, fragment):
+    damage(copy)
+    result = run("llava_rt.export.cli", "--checkpoint", str(copy), "--out", str(tmp_path / "b"))
+    assert result.returncode == 2
+    assert_one_line_error(result, "llava-export", fragment)
+    assert not (tmp_path / "b").exists() and leftovers(tmp_path) == []
+
+
+def _edit_tensors(path: Path, edit) -> None:
+    from safetensors.torch import load_file, save_file
+
+    weights = path / "model.safetensors"
+    tensors = load_file(weights)
+    edit(tensors)
+    save_file(tensors, weights, metadata={"format": "pt"})
+
+
+LAYER_WEIGHT = "language_model.model.layers.0.mlp.up_proj.weight"  # as saved; loaded as model.language_model...
+
+
+@pytest.mark.parametrize(
+    "edit, fragment",
+    [
+        (lambda t: t.pop(LAYER_WEIGHT), "lacks 1 weight(s): model.language_model.layers.0.mlp.up_proj.weight"),
+        (lambda t: t.update({LAYER_WEIGHT: t[LAYER_WEIGHT][:-1].clone()}), "wrong shape for this config: model.language_model"),
+    ],
+)
+def test_a_missing_or_misshapen_tensor_fails_naming_it(copy, tmp_path, edit, fragment):
+    """Found when the weights load (stage 1): the stage line, then one error line."""
+    _edit_tensors(copy, edit)
+    result = run("llava_rt.export.cli", "--checkpoint", str(copy), "--out", str(tmp_path / "b"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert [line[:6] for line in result.stderr.splitlines()] == ["[1/5] ", "llava-"]
+    assert result.stderr.splitlines()[1].startswith("llava-export: error: checkpoint ") and fragment in result.stderr
+    assert not (tmp_path / "b").exists() and leftovers(tmp_path) == []
+
+
+def test_force_refuses_what_is_not_a_bundle(copy, tmp_path):
+    files = sorted(p.name for p in copy.iterdir())
+    for out in (copy, tmp_path):
+        result = run("llava_rt.export.cli", "--checkpoint", str(copy), "--out", str(out), "--force")
+        assert result.returncode == 2
+        assert_one_line_error(result, "llava-export", "holds the checkpoint; --force would delete it")
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "todo.txt").write_text("keep me")
+    result = run("llava_rt.export.cli", "--checkpoint", str(copy), "--out", str(other), "--force")
+    assert_one_line_error(result, "llava-export", "neither a bundle nor empty")
+    assert sorted(p.name for p in copy.iterdir()) == files and (other / "todo.txt").read_text() == "keep me"
+
+
+def test_force_replaces_a_bundle(checkpoint, exported):
+    out = exported[1]
+    result = run("llava_rt.export.cli", "--checkpoint", str(checkpoint), "--out", str(out), "--force")
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert "decoder.int8.onnx" not in manifest["files"] and leftovers(out.parent) == []
+
+
+def test_unusable_out_paths_fail_before_export(checkpoint, tmp_path):
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    cases = [
+        (a_file, "exists and is not a directory"),
+        (link, "is a symbolic link"),
+        (a_file / "bundle", "is under a file"),
+        (Path("/proc/llava-rt-bundle"), "cannot write next to /proc/llava-rt-bundle"),  # read-only, even for root
+    ]
+    for out, fragment in cases:
+        result = run("llava_rt.export.cli", "--checkpoint", str(checkpoint), "--out", str(out), "--force")
+        assert result.returncode == 2
+        assert_one_line_error(result, "llava-export", fragment)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "link"]
+
+
+def test_a_newline_in_a_path_stays_on_one_line(tmp_path):
+    result = run("llava_rt.export.cli", "--checkpoint", str(tmp_path / "two\nlines"), "--out", str(tmp_path / "b"))
+    assert result.returncode == 2
+    assert_one_line_error(result, "llava-export", "two\\nlines")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_a_signal_during_export_leaves_nothing(checkpoint, tmp_path, signum):
+    parent = tmp_path / "bundles"  # created by the export (and left, empty)
+    command = [sys.executable, "-m", "llava_rt.export.cli", "--checkpoint", str(checkpoint), "--out", str(parent / "b")]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    seen = []
+    for line in process.stderr:
+        seen.append(line)
+        if line.startswith("[2/"):  # the model is loaded and graphs are being exported
+            break
+    assert leftovers(parent), seen
+    process.send_signal(signum)
+    rest = process.stderr.read()
+    assert process.wait(timeout=120) == 130
+    assert "Traceback" not in rest and rest.strip().splitlines()[-1] == "llava-export: interrupted"
+    assert list(parent.iterdir()) == []
+
+
+def test_demo_workdir_that_is_a_file(tmp_path):
+    workdir = tmp_path / "file"
+    workdir.write_text("x")
+    result = run("llava_rt.export.demo", "--workdir", str(workdir))
+    assert result.returncode == 2
+    assert_one_line_error(result, "llava-demo", f"--workdir {workdir} cannot be used as a directory")
