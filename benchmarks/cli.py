@@ -20,8 +20,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..export import options as export_options
+from ..export.staging import built_once
 from ..runtime.bundle import FORMAT_VERSION, MANIFEST_NAME
 from ..runtime.chat import user_turn
+from ..runtime.console import add_standard_options, run_command, say
 from ..runtime.errors import LlavaRtError
 from .machine import measure_bandwidth
 from .presets import PRESETS
@@ -29,15 +32,14 @@ from .report import REFERENCE, chart, ratios, summarize, table
 from .sides import BundleSide, Request, TransformersSide, synthetic_image
 
 DEFAULT_WORKDIR = Path.home() / ".cache" / "llava-rt" / "bench"
-PRECISIONS = ("fp32", "int8", "int4")
+PRECISIONS = ("fp32", *export_options.PRECISIONS)
+# the `bench` extra: the export extra (it runs transformers and exports bundles), torchvision (transformers'
+# OneVision processor cannot be built without it) and matplotlib (the chart)
+EXTRA = ("bench", (*export_options.EXTRA[1], "torchvision", "matplotlib"))
 
 
 class BenchError(LlavaRtError):
     """Bad benchmark arguments."""
-
-
-def _log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def _checkpoint(args) -> tuple[Path, Path, str]:
@@ -51,12 +53,12 @@ def _checkpoint(args) -> tuple[Path, Path, str]:
     preset = PRESETS[args.preset]
     label = preset.name if args.layers is None else f"{preset.name}, {args.layers} decoder layers"
     root = args.workdir / (preset.name if args.layers is None else f"{preset.name}-{args.layers}L")
-    path = root / "checkpoint"
-    if not (path / ".complete").is_file():
-        _log(f"building {label} with random weights in {path}")
-        preset.checkpoint(path, args.layers)
-        (path / ".complete").touch()
-    return path, root, label
+
+    def build(directory: Path) -> None:
+        say(f"building {label} with random weights in {root / 'checkpoint'}")
+        preset.checkpoint(directory, args.layers)
+
+    return built_once(root / "checkpoint", build), root, label
 
 
 def _bundle(checkpoint: Path, root: Path, precision: str) -> Path:
@@ -67,8 +69,8 @@ def _bundle(checkpoint: Path, root: Path, precision: str) -> Path:
     manifest = path / MANIFEST_NAME
     if manifest.is_file() and json.loads(manifest.read_text()).get("format_version") == FORMAT_VERSION:
         return path
-    _log(f"exporting {checkpoint} -> {path}")
-    export_bundle(checkpoint, path, force=True, precision=None if precision == "fp32" else precision, log=_log)
+    say(f"exporting {checkpoint} -> {path}")
+    export_bundle(checkpoint, path, force=True, precision=None if precision == "fp32" else precision, log=say)
     return path
 
 
@@ -109,17 +111,17 @@ def run_benchmark(args) -> dict[str, Any]:
     """Everything `llava-bench` measures, as one JSON-ready dict."""
     checkpoint, root, label = _checkpoint(args)
     bundles = {f"bundle-{p}": _bundle(checkpoint, root, p) for p in args.precision}
-    _log(f"loading the sides ({args.threads} threads)")
+    say(f"loading the sides ({args.threads} threads)")
     sides = [TransformersSide(checkpoint, args.threads)]
     sides += [BundleSide(path, args.threads, name) for name, path in bundles.items()]
     request, input_tokens = _request(sides[1].pipeline, args)
     for side in sides:
-        _log(f"warming up {side.name}")
+        say(f"warming up {side.name}")
         for _ in range(args.warmup):
             side.run(request)
     measured: dict[str, list] = {side.name: [] for side in sides}
     for repeat in range(args.repeats):
-        _log(f"repeat {repeat + 1}/{args.repeats}")
+        say(f"repeat {repeat + 1}/{args.repeats}")
         for side in sides if repeat % 2 == 0 else reversed(sides):  # alternate, and alternate who goes first
             measured[side.name].append(side.run(request))
     bandwidth = measure_bandwidth(args.threads)
@@ -136,7 +138,7 @@ def run_benchmark(args) -> dict[str, Any]:
         spec = {"prompt": request.prompt, "image_size": args.image_size, "new_tokens": args.new_tokens}
         request_file.write_text(json.dumps(spec))
         for name, path in [(REFERENCE, checkpoint), *bundles.items()]:
-            _log(f"peak memory of {name} (separate process)")
+            say(f"peak memory of {name} (separate process)")
             results[name]["peak_rss_mb"] = summarize([_peak_memory(name, path, request_file, args.threads) / 2**20])
     return {
         "config": {
@@ -178,7 +180,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", type=Path, help="write every figure and ratio here")
     parser.add_argument("--chart", type=Path, help="write a PNG chart of the ratios here")
     parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory processes")
-    return parser
+    return add_standard_options(parser)
 
 
 def _validate(args) -> None:
@@ -196,22 +198,28 @@ def _validate(args) -> None:
         raise BenchError("--new-tokens must be at least 2 (decode speed is measured after the first token)")
     if args.warmup < 0:
         raise BenchError("--warmup must be at least 0")
+    for option in ("json", "chart"):
+        path = getattr(args, option)
+        if path is not None and (path.is_dir() or not path.parent.is_dir()):
+            raise BenchError(f"--{option} {path}: not a file in an existing directory")
+
+
+def _bench(args: argparse.Namespace) -> int:
+    _validate(args)
+    result = run_benchmark(args)
+    print(table(result))
+    try:
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=2) + "\n")
+        if args.chart:
+            chart(result, args.chart)
+    except OSError as exc:
+        raise BenchError(f"could not write the results: {exc}") from None
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    try:
-        _validate(args)
-        result = run_benchmark(args)
-    except LlavaRtError as exc:
-        print(f"llava-bench: error: {exc}", file=sys.stderr)
-        return 2
-    print(table(result))
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-    if args.chart:
-        chart(result, args.chart)
-    return 0
+    return run_command(_parser(), _bench, argv, extra=EXTRA)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,10 @@
-"""Benchmark results as a table, a JSON document and a PNG chart of the bundle / transformers ratios."""
+"""Benchmark results as a table, a JSON document and a PNG chart (matplotlib) of the bundle / transformers ratios."""
 
 from __future__ import annotations
 
 import statistics
 from pathlib import Path
 from typing import Any
-
-from PIL import Image, ImageDraw, ImageFont
 
 # (key, label, unit, higher is better); the roofline fraction is absolute, so it gets no ratio
 METRICS = (
@@ -68,33 +66,63 @@ def table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def chart(result: dict[str, Any], path: Path) -> None:
-    """Horizontal bars of each bundle side's ratio to transformers, per metric, with the 1.0 line marked."""
-    side_ratios = result["ratios"]
+def _median(entry: dict[str, Any]) -> str:
+    median = entry["median"]
+    return f"{median:.{3 if median < 1 else 1}f}"
+
+
+def figure(result: dict[str, Any]):
+    """A matplotlib figure: per metric, one horizontal bar per bundle side with its ratio to transformers (log axis,
+    1.0 marked), each bar annotated with the ratio and both medians in their units."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter
+
+    sides, side_ratios = result["sides"], result["ratios"]
     names = list(side_ratios)
-    keys = [(key, label, higher) for key, label, _, higher in METRICS if any(key in side_ratios[n] for n in names)]
-    colors = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189)]
-    font = ImageFont.load_default()
-    bar, gap, left, width = 14, 18, 300, 420
-    height = 60 + len(keys) * (len(names) * bar + gap) + 20 * len(names)
-    largest = max([v for r in side_ratios.values() for v in r.values()] + [1.0]) * 1.1
-    image = Image.new("RGB", (left + width + 80, height), "white")
-    draw = ImageDraw.Draw(image)
-    draw.text((10, 10), f"llava-bench: bundle / transformers ({result['config']['label']})", fill="black", font=font)
-    y = 40
-    for key, label, higher in keys:
-        draw.text((10, y), f"{label} ({'higher' if higher else 'lower'} is better)", fill="black", font=font)
-        for index, name in enumerate(names):
-            value = side_ratios[name].get(key)
-            if value is not None:
-                draw.rectangle([left, y, left + int(width * value / largest), y + bar - 3], fill=colors[index % len(colors)])
-                draw.text((left + int(width * value / largest) + 4, y), f"{value:.2f}x", fill="black", font=font)
-            y += bar
-        y += gap
-    one = left + int(width / largest)
-    draw.line([one, 35, one, y - gap], fill="gray", width=1)
+    metrics = [m for m in METRICS if any(m[0] in side_ratios[n] for n in names)]
+    height = 1 / (len(names) + 1)
+    fig = Figure(figsize=(10, 1.0 + 0.45 * len(metrics) * len(names) + 0.8), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    values = [v for r in side_ratios.values() for v in r.values()]
     for index, name in enumerate(names):
-        draw.rectangle([10, y, 20, y + 10], fill=colors[index % len(colors)])
-        draw.text((26, y), name, fill="black", font=font)
-        y += 20
-    image.save(path)
+        rows = [(row, key, unit) for row, (key, _, unit, _) in enumerate(metrics) if key in side_ratios[name]]
+        y = [row + (index - (len(names) - 1) / 2) * height for row, _, _ in rows]
+        widths = [side_ratios[name][key] - 1.0 for _, key, _ in rows]  # bars grow from parity, left or right
+        bars = ax.barh(y, widths, left=1.0, height=height * 0.9, label=name)
+        notes = [
+            f"{side_ratios[name][key]:.2f}x ({_median(sides[name][key])} vs {_median(sides[REFERENCE][key])} {unit})"
+            for _, key, unit in rows
+        ]
+        ax.bar_label(bars, notes, padding=4, fontsize=8)
+    ax.axvline(1.0, color="gray", linestyle="--", linewidth=1)
+    ax.set_xscale("log")
+    low, high = min(values + [1.0]) / 12, max(values + [1.0]) * 12  # room on both sides for the annotations
+    ax.set_xlim(low, high)
+    ax.set_xticks([t for t in (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100) if low <= t <= high])
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
+    ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
+    ax.set_yticks(
+        range(len(metrics)),
+        [
+            f"{label}{f' ({unit})' if unit else ''}\n{'higher' if higher else 'lower'} is better"
+            for _, label, unit, higher in metrics
+        ],
+    )
+    ax.invert_yaxis()
+    ax.set_xlabel(f"bundle / {REFERENCE} (ratio of medians, log scale; dashed line: same as {REFERENCE})")
+    ax.set_ylabel("stage")
+    config = result["config"]
+    ax.set_title(
+        f"llava-bench: {config['label']}\n{config['input_tokens']} input tokens, {config['new_tokens']} new tokens, "
+        f"{config['threads']} threads, median of {config['repeats']}",
+        fontsize=10,
+    )
+    ax.legend(loc="best", fontsize=8)
+    return fig
+
+
+def chart(result: dict[str, Any], path: Path) -> None:
+    """Save `figure(result)` as a PNG."""
+    figure(result).savefig(path, format="png", dpi=120)
