@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -146,31 +148,41 @@ def _section(processor: dict[str, Any], key: str) -> dict[str, Any]:
     return value
 
 
-def load_model(checkpoint: Checkpoint, torch_dtype):
-    """Load the transformers model in eval mode, in `torch_dtype`, with eager attention. A weight the checkpoint
-    lacks, or holds in another shape, is an error naming it (transformers would initialize it at random)."""
-    import transformers
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """transformers' own logs below ERROR and its progress bars off, which it prints whatever stderr is; llava-rt
+    reports what matters itself."""
     from transformers.utils import logging as hf_logging
 
-    model_class = getattr(transformers, checkpoint.model_class)
     verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()  # its load report is turned into the error below
+    hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     try:
-        model, info = model_class.from_pretrained(
-            checkpoint.path,
-            dtype=torch_dtype,
-            local_files_only=True,
-            attn_implementation="eager",
-            output_loading_info=True,
-            ignore_mismatched_sizes=True,
-        )
-    except Exception as exc:  # transformers raises many types for broken checkpoints
-        raise CheckpointError(f"could not load the checkpoint weights: {exc}".splitlines()[0]) from None
+        yield
     finally:
         hf_logging.set_verbosity(verbosity)
         if bars:
             hf_logging.enable_progress_bar()
+
+
+def load_model(checkpoint: Checkpoint, torch_dtype):
+    """Load the transformers model in eval mode, in `torch_dtype`, with eager attention. A weight the checkpoint
+    lacks, or holds in another shape, is an error naming it (transformers would initialize it at random)."""
+    import transformers
+
+    model_class = getattr(transformers, checkpoint.model_class)
+    try:
+        with quiet_transformers():  # its load report is turned into the errors below
+            model, info = model_class.from_pretrained(
+                checkpoint.path,
+                dtype=torch_dtype,
+                local_files_only=True,
+                attn_implementation="eager",
+                output_loading_info=True,
+                ignore_mismatched_sizes=True,
+            )
+    except Exception as exc:  # transformers raises many types for broken checkpoints
+        raise CheckpointError(f"could not load the checkpoint weights: {exc}".splitlines()[0]) from None
     mismatched = sorted(str(entry[0]) if isinstance(entry, tuple) else str(entry) for entry in info["mismatched_keys"])
     if mismatched:
         raise CheckpointError(f"checkpoint tensors have the wrong shape for this config: {_names(mismatched)}")

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from .checkpoint import quiet_transformers
+
 # A small English corpus to train the byte-level BPE on, so that prompts tokenize into real merges.
 _CORPUS = [
     "What is shown in this image? Describe the picture in detail.",
@@ -173,7 +175,8 @@ def _save_model(model_class, config, tokenizer, seed: int, out_dir: Path) -> Non
     model.generation_config.bos_token_id = tokenizer.bos_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(out_dir)
+    with quiet_transformers():
+        model.save_pretrained(out_dir)
 
 
 def build_tiny_checkpoint(out_dir: str | Path, spec: TinySpec = TinySpec()) -> Path:

@@ -251,3 +251,13 @@ def test_demo_workdir_that_is_a_file(tmp_path):
     result = run("llava_rt.export.demo", "--workdir", str(workdir))
     assert result.returncode == 2
     assert_one_line_error(result, "llava-demo", f"--workdir {workdir} cannot be used as a directory")
+
+
+def test_demo_prints_only_its_own_lines(tmp_path):
+    """No transformers progress bar while the tiny checkpoint is saved, nor while it is loaded."""
+    result = run("llava_rt.export.demo", "--workdir", str(tmp_path), "--max-new-tokens", "2")
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.splitlines()
+    assert lines[0].startswith("building a tiny random-weight") and lines[-1].startswith("wrote ")
+    assert all(re.match(r"\[\d/5\] |  \w", line) for line in lines[1:-1]), lines
+    assert "answer:" in result.stdout
