@@ -91,19 +91,19 @@ def _to_uint8(acc: np.ndarray, precision: int) -> np.ndarray:
 
 
 def _pass(image: np.ndarray, in_first: int, weights: tuple[np.ndarray, np.ndarray, int], axis: int) -> np.ndarray:
-    """One separable pass over a `[H, N, W]` uint8 array along `axis` (0 or 2), each block one matrix product;
-    `image` holds the inputs from index `in_first` on."""
+    """One separable pass over a `[H, ..., W]` uint8 array (any strides) along `axis` (0 or -1), each block of outputs
+    one float64 matrix product over the inputs it reads; `image` holds the inputs from index `in_first` on."""
     first, taps, precision = weights
     shape = list(image.shape)
     shape[axis] = len(first)
     out = np.empty(shape, dtype=np.uint8)
     for offset, lo, dense in _bands(first - in_first, taps):
         end, hi = offset + len(dense), lo + dense.shape[1]
-        if axis == 2:
-            span = image[:, :, lo:hi].astype(np.float64).reshape(-1, hi - lo)
-            out[:, :, offset:end] = _to_uint8(span @ dense.T, precision).reshape(*shape[:2], end - offset)
+        if axis == -1:
+            span = np.ascontiguousarray(image[..., lo:hi], dtype=np.float64).reshape(-1, hi - lo)
+            out[..., offset:end] = _to_uint8(span @ dense.T, precision).reshape(*shape[:-1], end - offset)
         else:
-            span = image[lo:hi].astype(np.float64).reshape(hi - lo, -1)
+            span = np.ascontiguousarray(image[lo:hi], dtype=np.float64).reshape(hi - lo, -1)
             out[offset:end] = _to_uint8(dense @ span, precision).reshape(end - offset, *shape[1:])
     return out
 
@@ -126,21 +126,17 @@ def resize_uint8_antialias(
     *batch, in_height, in_width, channels = images.shape
     vertical = _int16_weights(in_height, height, resample, *rows) if height != in_height else None
     needed = _span(*vertical[:2]) if vertical is not None and rows[1] > rows[0] else rows
-    # [H, N, W] with N = images x channels: each pass is one matrix product per block of outputs
+    # viewed as [H, images, C, W]: a pass along H or W is one matrix product per block of outputs
     count = int(np.prod(batch, dtype=np.int64))
-    hnw = images.reshape(count, in_height, in_width, channels)[:, needed[0] : needed[1]].transpose(1, 0, 3, 2)
-    hnw = np.ascontiguousarray(hnw).reshape(needed[1] - needed[0], count * channels, in_width)
+    hncw = images.reshape(count, in_height, in_width, channels)[:, needed[0] : needed[1]].transpose(1, 0, 3, 2)
     if width != in_width:
-        hnw = _pass(hnw, 0, _int16_weights(in_width, width, resample, *cols), axis=2)
+        hncw = _pass(hncw, 0, _int16_weights(in_width, width, resample, *cols), axis=-1)
     else:
-        hnw = hnw[:, :, cols[0] : cols[1]]
+        hncw = hncw[..., cols[0] : cols[1]]
     if vertical is not None:
-        hnw = _pass(hnw, needed[0], vertical, axis=0)
-    padding = [(rows[0] - top, top + out_height - rows[1]), (0, 0), (cols[0] - left, left + out_width - cols[1])]
-    hnw = np.pad(hnw, padding)
-    return (
-        hnw.reshape(out_height, count, channels, out_width).transpose(1, 0, 3, 2).reshape(*batch, out_height, out_width, channels)
-    )
+        hncw = _pass(hncw, needed[0], vertical, axis=0)
+    padding = [(rows[0] - top, top + out_height - rows[1]), (0, 0), (0, 0), (cols[0] - left, left + out_width - cols[1])]
+    return np.pad(hncw, padding).transpose(1, 0, 3, 2).reshape(*batch, out_height, out_width, channels)
 
 
 def center_crop_window(height: int, width: int, crop_height: int, crop_width: int) -> tuple[int, int, int, int]:
