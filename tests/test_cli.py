@@ -355,3 +355,17 @@ def test_ctrl_c_in_a_one_shot_run_is_one_line(variants):
         process.kill()
     assert process.returncode == 130
     assert stderr.decode().strip().splitlines() == ["llava-run: interrupted"], stderr
+
+
+def test_undecodable_text_is_one_line_in_both_modes(variants):
+    import subprocess
+    import sys
+
+    bundle = str(variants["mistral"].bundle).encode()
+    command = [sys.executable.encode(), b"-m", b"llava_rt.runtime.cli", bundle]
+    once = subprocess.run([*command, b"--prompt", b"caf\xe9 \xff"], capture_output=True, timeout=120)
+    lines = once.stderr.decode(errors="replace").strip().splitlines()
+    assert once.returncode == 2 and len(lines) == 1 and lines[0].startswith("llava-run: error:"), once.stderr
+    chat = subprocess.run([*command, b"--interactive"], input=b"caf\xe9 \xff\n/quit\n", capture_output=True, timeout=120)
+    assert chat.returncode == 0 and b"Traceback" not in chat.stderr, chat.stderr
+    assert b"llava-run: error:" in chat.stderr
