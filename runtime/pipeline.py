@@ -107,6 +107,13 @@ class Pipeline:
             if kinds.count(kind) != len(given):
                 token = self.tokens[f"{kind}_token"]
                 raise InputError(f"the prompt has {kinds.count(kind)} {token} placeholders but {len(given)} {kind}s were given")
+        if videos:
+            frame_tokens = len(videos) * num_frames * self.manifest["video"]["tokens_per_frame"]
+            if frame_tokens >= self.max_length:
+                raise InputError(
+                    f"{len(videos)} video(s) of {num_frames} frames make {frame_tokens} tokens, more than the model's "
+                    f"context of {self.max_length}; use fewer frames"
+                )
         sources = {"image": iter(images), "video": iter(videos)}
         media = [
             self.media.image(next(sources[kind]), len(images) > 1)

@@ -184,3 +184,12 @@ def test_a_turn_failing_validation_leaves_no_user_message(pipelines):
         with pytest.raises(InputError):
             session.send("hi", **bad)
     assert session.messages == []
+
+
+def test_too_many_frames_for_the_context_are_refused_before_decoding(ov_pipelines):
+    """Frames beyond what the context can hold would be decoded at full size for nothing."""
+    pipeline = ov_pipelines["ov"]
+    frames = pipeline.max_length // pipeline.manifest["video"]["tokens_per_frame"] + 1
+    video = np.zeros((1, 8, 8, 3), dtype=np.uint8)  # one frame: sampling it `frames` times would fail later
+    with pytest.raises(InputError, match=f"of {frames} frames make .* more than the model's context"):
+        pipeline.prepare(prompt="What happens?", videos=[video], num_frames=frames)

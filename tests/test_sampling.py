@@ -109,7 +109,7 @@ def test_generation_config_defaults_apply(pipelines):
 @pytest.mark.parametrize(
     "options, fragment",
     [
-        (dict(temperature=0.0), "temperature must be > 0"),
+        (dict(do_sample=True, temperature=float("nan")), "temperature must be > 0"),
         (dict(temperature=-1.0), "temperature must be > 0"),
         (dict(top_p=0.0), "top_p must be in"),
         (dict(top_p=1.5), "top_p must be in"),
