@@ -8,12 +8,14 @@ from typing import Any
 
 import jinja2
 import jinja2.ext
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from .errors import InputError
+from .errors import BundleError, InputError, LlavaRtError
+from .template_sandbox import TemplateSandbox, plain, render_budget
 
 ROLES = ("system", "user", "assistant")
 CONTENT_TYPES = ("text", "image", "video")
+MAX_CHARS = 1 << 20  # a rendered prompt's bound, in characters
+MAX_SECONDS = 5.0  # a render's time bound
 
 
 def normalize_messages(messages: Any) -> list[dict[str, Any]]:
@@ -70,26 +72,54 @@ def _raise_exception(message: str):
     raise jinja2.exceptions.TemplateError(message)
 
 
+def _strftime_now(format: str) -> str:
+    return datetime.now().strftime(format)
+
+
+def _one_line(message: object) -> str:
+    return " ".join(str(message).split())
+
+
 def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
     return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
 class ChatTemplate:
-    """A Jinja chat template rendered the way transformers renders it (sandboxed, trimmed blocks)."""
+    """A Jinja chat template rendered the way transformers renders it (trimmed blocks, its extra tag, filter and
+    globals), in `TemplateSandbox`: the template sees plain data only (media objects in the messages become
+    placeholders), and a render is bounded to `max_chars` characters and `max_seconds`.
 
-    def __init__(self, source: str, special_tokens: dict[str, str]):
-        environment = ImmutableSandboxedEnvironment(
-            trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols", _GenerationBlocks]
+    Raises `BundleError` when the source does not compile; `render` raises `InputError`.
+    """
+
+    def __init__(self, source: str, special_tokens: dict[str, str], max_chars: int = MAX_CHARS, max_seconds: float = MAX_SECONDS):
+        self._environment = TemplateSandbox(
+            filters={"tojson": _tojson},
+            globals={"raise_exception": _raise_exception, "strftime_now": _strftime_now},
+            trim_blocks=True,
+            lstrip_blocks=True,
+            extensions=["jinja2.ext.loopcontrols", _GenerationBlocks],
         )
-        environment.filters["tojson"] = _tojson
-        environment.globals["raise_exception"] = _raise_exception
-        environment.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-        self._template = environment.from_string(source)
-        self._special_tokens = special_tokens
+        try:
+            self._template = self._environment.compile_budgeted(source)
+        except jinja2.exceptions.TemplateSyntaxError as exc:
+            raise BundleError(f"the chat template does not compile: {_one_line(exc.message)} (line {exc.lineno})") from None
+        self._special_tokens = plain(special_tokens)
+        self.max_chars, self.max_seconds = max_chars, max_seconds
 
     def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
-        """Render a normalized conversation; template errors become `InputError`."""
+        """Render a normalized conversation; template errors and an exceeded budget become `InputError`."""
+        variables = {**self._special_tokens, "messages": plain(messages), "add_generation_prompt": bool(add_generation_prompt)}
+        pieces, size = [], 0
         try:
-            return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt, **self._special_tokens)
-        except jinja2.exceptions.TemplateError as exc:
-            raise InputError(f"chat template rejected the messages: {exc}") from None
+            with render_budget(self.max_chars, self.max_seconds) as budget:
+                for piece in self._template.generate(variables):
+                    size += len(piece)
+                    budget.check_size(size)
+                    budget.check_time()
+                    pieces.append(piece)
+        except LlavaRtError:
+            raise
+        except Exception as exc:  # template code can fail in any way (TypeError, ZeroDivisionError, RecursionError, ...)
+            raise InputError(f"chat template rejected the messages: {_one_line(exc) or type(exc).__name__}") from None
+        return "".join(pieces)
