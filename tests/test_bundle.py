@@ -14,6 +14,12 @@ from llava_rt.runtime import BundleError, ExportError, Pipeline, load_bundle
 from llava_rt.runtime.bundle import sha256_file
 
 
+@pytest.fixture(autouse=True)
+def cache_dir(tmp_path, monkeypatch):
+    """Verified-file stamps go to a per-test directory, never to the home directory."""
+    monkeypatch.setenv("LLAVA_RT_CACHE_DIR", str(tmp_path / "cache"))
+
+
 def test_manifest_describes_every_file_and_graph(variant):
     manifest = load_bundle(variant.bundle).manifest
     files = {p.name for p in variant.bundle.iterdir()} - {"manifest.json"}

@@ -1,0 +1,286 @@
+"""What a manifest must hold for the runtime to use it: a JSON schema of every section the runtime reads, and the
+rules across sections a schema cannot state (graph inputs and outputs against the KV cache and text dimensions,
+token ids within the vocabulary, every file the runtime opens listed in the checksum table)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jsonschema
+
+from .errors import BundleError
+from .kv_cache import new_names, past_names
+
+TENSOR_DTYPES = ["float16", "float32", "float64", "bool", *(f"{k}{b}" for k in ("int", "uint") for b in (8, 16, 32, 64))]
+FLOAT_DTYPES = ["float16", "float32", "float64"]
+
+_POSITIVE = {"type": "integer", "minimum": 1}
+_COUNT = {"type": "integer", "minimum": 0}
+_PATH = {"type": "string", "minLength": 1}
+_OPTIONAL_NUMBER = {"type": ["number", "null"]}
+_RGB = {"type": "array", "minItems": 3, "maxItems": 3, "items": {"type": "number"}}
+_PINPOINTS = {"type": "array", "minItems": 1, "items": {"type": "array", "minItems": 2, "maxItems": 2, "items": _POSITIVE}}
+_SIZE = {
+    "type": "object",
+    "properties": {"height": _POSITIVE, "width": _POSITIVE, "shortest_edge": _POSITIVE},
+    "anyOf": [{"required": ["height", "width"]}, {"required": ["shortest_edge"]}],
+}
+_PROCESSOR = {
+    "type": "object",
+    "required": ["size", "crop_size", "resample", "image_mean", "image_std", "rescale_factor"]
+    + ["do_resize", "do_center_crop", "do_rescale", "do_normalize"],
+    "properties": {
+        "size": _SIZE,
+        "crop_size": {"type": "object", "properties": {"height": _POSITIVE, "width": _POSITIVE}},
+        "resample": {"enum": [0, 1, 2, 3, 4, 5]},  # Pillow's resampling filters
+        "image_mean": _RGB,
+        "image_std": {**_RGB, "items": {"type": "number", "exclusiveMinimum": 0}},
+        "rescale_factor": {"type": "number"},
+        **{key: {"type": "boolean"} for key in ("do_resize", "do_center_crop", "do_rescale", "do_normalize")},
+    },
+    "if": {"properties": {"do_center_crop": {"const": True}}},
+    "then": {"properties": {"crop_size": {"required": ["height", "width"]}}},
+}
+_TENSORS = {
+    "type": "array",
+    "minItems": 1,
+    "items": {
+        "type": "object",
+        "required": ["name", "dtype", "shape"],
+        "properties": {
+            "name": {"type": "string", "minLength": 1},
+            "dtype": {"enum": TENSOR_DTYPES},
+            "shape": {"type": "array", "items": {"type": ["string", "integer", "null"], "minimum": 0}},
+        },
+    },
+}
+_GRAPH = {
+    "type": "object",
+    "required": ["file", "inputs", "outputs"],
+    "properties": {"file": _PATH, "external_data": _PATH, "inputs": _TENSORS, "outputs": _TENSORS},
+}
+_ARRAY = {  # an .npy file name, or a raw region of a file (tied embeddings inside the decoder's weights)
+    "type": ["string", "object"],
+    "minLength": 1,
+    "required": ["file", "offset", "shape", "dtype", "transposed"],
+    "properties": {
+        "file": _PATH,
+        "offset": _COUNT,
+        "shape": {"type": "array", "minItems": 1, "items": _POSITIVE},
+        "dtype": {"enum": FLOAT_DTYPES},
+        "transposed": {"type": "boolean"},
+    },
+}
+
+MANIFEST_SCHEMA: dict[str, Any] = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "type": "object",
+    "required": ["format_version", "family", "text", "tokens", "preprocess", "packing", "graphs", "arrays", "tokenizer", "files"],
+    "properties": {
+        "format_version": {"type": "integer"},
+        "family": {"type": "string"},
+        "text": {
+            "type": "object",
+            "required": ["hidden_size", "vocab_size", "max_position_embeddings"],
+            "properties": {"hidden_size": _POSITIVE, "vocab_size": _POSITIVE, "max_position_embeddings": _POSITIVE},
+        },
+        "tokens": {
+            "type": "object",
+            "required": ["image_token", "image_token_id", "eos_token_ids", "special_tokens"],
+            "properties": {
+                "image_token": {"type": "string", "minLength": 1},
+                "image_token_id": _COUNT,
+                "video_token": {"type": ["string", "null"], "minLength": 1},
+                "video_token_id": {"type": ["integer", "null"], "minimum": 0},
+                "eos_token_ids": {"type": "array", "items": _COUNT},
+                # passed to the chat template as variables: names like `bos_token`, never `messages`
+                "special_tokens": {
+                    "type": "object",
+                    "propertyNames": {"pattern": "^[a-z][a-z0-9_]*_token$"},
+                    "additionalProperties": {"type": "string"},
+                },
+            },
+            "if": {"properties": {"video_token": {"type": "string"}}, "required": ["video_token"]},
+            "then": {"required": ["video_token_id"], "properties": {"video_token_id": {"type": "integer"}}},
+        },
+        "preprocess": {
+            **_PROCESSOR,
+            "required": [*_PROCESSOR["required"], "image_grid_pinpoints"],
+            "properties": {**_PROCESSOR["properties"], "image_grid_pinpoints": _PINPOINTS},
+        },
+        "packing": {
+            "type": "object",
+            "required": ["tile_size", "patch_grid", "tokens_per_tile", "image_grid_pinpoints", "max_num_patches", "multi_image"],
+            "properties": {
+                "tile_size": _POSITIVE,
+                "patch_grid": _POSITIVE,
+                "tokens_per_tile": _POSITIVE,
+                "image_grid_pinpoints": _PINPOINTS,
+                "max_num_patches": {"type": ["integer", "null"], "minimum": 1},
+                "multi_image": {"enum": ["anyres", "base_only"]},
+            },
+        },
+        "video": {
+            "type": ["object", "null"],
+            "required": ["preprocess", "pooling", "tokens_per_frame", "newline"],
+            "properties": {
+                "preprocess": _PROCESSOR,
+                "pooling": {
+                    "type": "object",
+                    "required": ["mode"],
+                    "properties": {
+                        "mode": {"enum": ["graph", "bilinear"]},
+                        "graph": {"const": "video_pool"},
+                        "size": {"type": "array", "minItems": 2, "maxItems": 2, "items": _POSITIVE},
+                    },
+                    "allOf": [
+                        {"if": {"properties": {"mode": {"const": "graph"}}}, "then": {"required": ["graph"]}},
+                        {"if": {"properties": {"mode": {"const": "bilinear"}}}, "then": {"required": ["size"]}},
+                    ],
+                },
+                "tokens_per_frame": _POSITIVE,
+                "newline": {"enum": ["end", None]},
+            },
+        },
+        "graphs": {
+            "type": "object",
+            "required": ["vision", "projector", "decoder"],
+            "additionalProperties": False,
+            "properties": {
+                "vision": _GRAPH,
+                "projector": _GRAPH,
+                "video_pool": _GRAPH,
+                "decoder": {
+                    **_GRAPH,
+                    "required": [*_GRAPH["required"], "kv_cache"],
+                    "properties": {
+                        **_GRAPH["properties"],
+                        "kv_cache": {
+                            "type": "object",
+                            "required": ["num_layers", "num_kv_heads", "head_dim"],
+                            "properties": {"num_layers": _POSITIVE, "num_kv_heads": _POSITIVE, "head_dim": _POSITIVE},
+                        },
+                    },
+                },
+            },
+        },
+        "arrays": {
+            "type": "object",
+            "required": ["embed_tokens", "image_newline"],
+            "properties": {"embed_tokens": _ARRAY, "image_newline": _ARRAY},
+        },
+        "tokenizer": _PATH,
+        "chat_template": {"type": ["string", "null"], "minLength": 1},
+        "generation": {
+            "type": "object",
+            "properties": {
+                "do_sample": {"type": ["boolean", "null"]},
+                "temperature": {**_OPTIONAL_NUMBER, "minimum": 0},
+                "top_k": {"type": ["integer", "null"], "minimum": 0},
+                "top_p": {**_OPTIONAL_NUMBER, "exclusiveMinimum": 0, "maximum": 1},
+                "min_p": {**_OPTIONAL_NUMBER, "minimum": 0, "maximum": 1},
+                "repetition_penalty": {**_OPTIONAL_NUMBER, "exclusiveMinimum": 0},
+            },
+        },
+        "files": {
+            "type": "object",
+            "minProperties": 1,
+            "additionalProperties": {
+                "type": "object",
+                "required": ["sha256", "bytes"],
+                "properties": {"sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"}, "bytes": _COUNT},
+            },
+        },
+    },
+}
+
+_VALIDATOR = jsonschema.Draft202012Validator(MANIFEST_SCHEMA)
+_REEXPORT = "re-export the bundle with llava-export"
+
+
+def _invalid(where: str, problem: str) -> BundleError:
+    return BundleError(f"invalid manifest.json at {where}: {problem}; {_REEXPORT}")
+
+
+def referenced_files(manifest: dict[str, Any]) -> list[str]:
+    """Every bundle file the runtime opens: graphs and their external data, arrays' files, tokenizer, chat template."""
+    graphs = [entry[key] for entry in manifest["graphs"].values() for key in ("file", "external_data") if key in entry]
+    arrays = [spec if isinstance(spec, str) else spec["file"] for spec in manifest["arrays"].values()]
+    template = [manifest["chat_template"]] if manifest.get("chat_template") else []
+    return [*graphs, *arrays, manifest["tokenizer"], *template]
+
+
+def _graph_contract(manifest: dict[str, Any]) -> dict[str, tuple[dict[str, tuple], dict[str, tuple]]]:
+    """Per graph, the inputs the runtime feeds (all of them) and the outputs it reads: name -> (dtypes, dims),
+    dims being `None` where any size goes."""
+    hidden, vocab = manifest["text"]["hidden_size"], manifest["text"]["vocab_size"]
+    kv = manifest["graphs"]["decoder"]["kv_cache"]
+    features = {"image_features": (FLOAT_DTYPES, None)}
+    kv_dims = (None, kv["num_kv_heads"], None, kv["head_dim"])
+    return {
+        "vision": ({"pixel_values": (FLOAT_DTYPES, None)}, features),
+        "projector": (features, {"image_embeds": (FLOAT_DTYPES, (None, None, hidden))}),
+        "video_pool": (features, {"pooled_features": (FLOAT_DTYPES, None)}),
+        "decoder": (
+            {
+                "inputs_embeds": (FLOAT_DTYPES, (None, None, hidden)),
+                "attention_mask": (["int64"], (None, None)),
+                "position_ids": (["int64"], (None, None)),
+                **{name: (FLOAT_DTYPES, kv_dims) for name in past_names(kv)},
+            },
+            {"logits": (FLOAT_DTYPES, (None, vocab)), **{name: (FLOAT_DTYPES, kv_dims) for name in new_names(kv)}},
+        ),
+    }
+
+
+def _check_tensors(where: str, declared: list[dict[str, Any]], expected: dict[str, tuple], exact: bool) -> None:
+    """Declared tensors against the contract: each expected name present with an allowed dtype and matching
+    fixed dims (axis names and 0, an unknown size, match anything); with `exact`, nothing else."""
+    by_name = {tensor["name"]: tensor for tensor in declared}
+    missing = [name for name in expected if name not in by_name]
+    if missing:
+        raise _invalid(where, f"no {missing[0]!r} (the runtime needs {', '.join(expected)})")
+    extra = [name for name in by_name if name not in expected]
+    if exact and extra:
+        raise _invalid(where, f"unexpected {extra[0]!r} (the runtime feeds only {', '.join(expected)})")
+    for name, (dtypes, dims) in expected.items():
+        tensor = by_name[name]
+        if tensor["dtype"] not in dtypes:
+            raise _invalid(where, f"{name} is {tensor['dtype']}, expected {' or '.join(dtypes)}")
+        if dims is None:
+            continue
+        shape = tensor["shape"]
+        fixed_mismatch = any(isinstance(d, int) and d and want is not None and d != want for d, want in zip(shape, dims))
+        if len(shape) != len(dims) or fixed_mismatch:
+            wanted = ["*" if want is None else want for want in dims]
+            raise _invalid(where, f"{name} has shape {shape}, expected [{', '.join(map(str, wanted))}]")
+
+
+def check_manifest(manifest: Any) -> None:
+    """Raise `BundleError` (one line naming the JSON path) unless the manifest is one the runtime can use."""
+    if not isinstance(manifest, dict):
+        raise BundleError(f"manifest.json is not a JSON object; {_REEXPORT}")
+    error = jsonschema.exceptions.best_match(_VALIDATOR.iter_errors(manifest))
+    if error is not None:
+        problem = " ".join(error.message.split())
+        raise _invalid(error.json_path, problem if len(problem) <= 200 else problem[:200] + "...")
+    for name, (inputs, outputs) in _graph_contract(manifest).items():
+        if name in manifest["graphs"]:
+            entry = manifest["graphs"][name]
+            _check_tensors(f"$.graphs.{name}.inputs", entry["inputs"], inputs, exact=True)
+            _check_tensors(f"$.graphs.{name}.outputs", entry["outputs"], outputs, exact=False)
+    video = manifest.get("video")
+    if video and video["pooling"]["mode"] == "graph" and "video_pool" not in manifest["graphs"]:
+        raise _invalid("$.graphs", "no video_pool graph, which $.video.pooling names")
+    tile = manifest["packing"]["tile_size"]
+    for height, width in manifest["packing"]["image_grid_pinpoints"]:
+        if height % tile or width % tile:
+            raise _invalid("$.packing.image_grid_pinpoints", f"[{height}, {width}] is not a multiple of the tile size {tile}")
+    tokens, vocab = manifest["tokens"], manifest["text"]["vocab_size"]
+    ids = {"image_token_id": [tokens["image_token_id"]], "video_token_id": [tokens.get("video_token_id")]}
+    for key, values in {**ids, "eos_token_ids": tokens["eos_token_ids"]}.items():
+        if any(value is not None and value >= vocab for value in values):
+            raise _invalid(f"$.tokens.{key}", f"{values} is not below the vocabulary size {vocab}")
+    unlisted = [name for name in referenced_files(manifest) if name not in manifest["files"]]
+    if unlisted:
+        raise _invalid("$.files", f"{unlisted[0]!r} is used by the bundle but not in its checksum table")
