@@ -19,6 +19,7 @@ from ..runtime.errors import ExportError
 from ..runtime.kv_cache import new_names, past_names
 from . import verify
 from .checkpoint import load_model, read_checkpoint
+from .compat import check_transformers
 from .graphs import DecoderWithCache, Projector, VideoPooler, VisionFeatures
 from .manifest import build_manifest, describe_io, feature_layers
 from .onnx_export import export_onnx
@@ -217,6 +218,7 @@ def export_bundle(
         raise ExportError(f"unsupported dtype {dtype!r} (choose from {', '.join(DTYPES)})")
     if precision is not None and (precision not in PRECISIONS or dtype != "fp32"):
         raise ExportError(f"--precision takes {' or '.join(PRECISIONS)} and quantizes an fp32 export, got {precision!r}")
+    check_transformers()
     tolerance = verify.TOLERANCE[dtype] if tolerance is None else tolerance
     out_dir = Path(out_dir)
     checkpoint = read_checkpoint(checkpoint_dir)
