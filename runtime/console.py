@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import logging
+import os
 import signal
 import sys
 import threading
@@ -16,6 +17,7 @@ from .errors import LlavaRtError
 
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a writer whose reader closed the pipe
 
 
 class MissingExtra(LlavaRtError):
@@ -86,7 +88,7 @@ def run_command(
 ) -> int:
     """Parse `argv`, check the extra (`(name, modules)`), run `body(args)` and turn every expected failure into
     one line on stderr: `LlavaRtError` exits 2; Ctrl-C, SIGTERM and SIGHUP exit 130 (through `KeyboardInterrupt`,
-    so `finally` blocks and temporary-directory cleanup run)."""
+    so `finally` blocks and temporary-directory cleanup run); a closed stdout exits 141 silently."""
     prog = parser.prog
     args = parser.parse_args(argv)
     _configure_logging(prog, getattr(args, "verbose", False))
@@ -102,6 +104,9 @@ def run_command(
     except KeyboardInterrupt:
         print(f"\n{prog}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # the reader of stdout went away (`| head`): stop quietly, as a SIGPIPE would
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the interpreter's final flush is silent
+        return EXIT_BROKEN_PIPE
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -107,3 +107,24 @@ def test_progress_bar_on_a_terminal_and_nothing_otherwise():
     assert "stages:" in drawn and "0/2" in drawn and "first stage" in drawn
     piped = command("--bar", stderr=subprocess.PIPE).communicate(timeout=60)[1]
     assert piped.splitlines() == ["first stage"]
+
+
+def test_a_reader_closing_stdout_ends_the_command_quietly():
+    """`llava-run ... | head -1`: the writer stops without a BrokenPipeError traceback."""
+    script = (
+        "import argparse, sys\n"
+        "from llava_rt.runtime.console import run_command\n"
+        "def body(args):\n"
+        "    for i in range(10**6):\n"
+        "        print('line', i)\n"
+        "    return 0\n"
+        "sys.exit(run_command(argparse.ArgumentParser(prog='demo'), body, []))\n"
+    )
+    result = subprocess.run(
+        ["bash", "-c", f'"{sys.executable}" -c "$0" | head -1; exit "${{PIPESTATUS[0]}}"', script],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.stdout == "line 0\n"
+    assert result.returncode == 141 and result.stderr == "", result.stderr
