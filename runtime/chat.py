@@ -10,12 +10,10 @@ import jinja2
 import jinja2.ext
 
 from .errors import BundleError, InputError, LlavaRtError
-from .template_sandbox import TemplateSandbox, plain, render_budget
+from .template_sandbox import MAX_CHARS, MAX_SECONDS, TemplateSandbox, plain, render_budget
 
 ROLES = ("system", "user", "assistant")
 CONTENT_TYPES = ("text", "image", "video")
-MAX_CHARS = 1 << 20  # a rendered prompt's bound, in characters
-MAX_SECONDS = 5.0  # a render's time bound
 
 
 def normalize_messages(messages: Any) -> list[dict[str, Any]]:

@@ -10,6 +10,7 @@ produced. A template over budget raises `InputError`.
 from __future__ import annotations
 
 import functools
+import math
 import os
 import re
 import time
@@ -28,6 +29,8 @@ from markupsafe import Markup
 
 from .errors import InputError
 
+MAX_CHARS = 1 << 20  # the default bound of a render's output and of any value it builds, in characters
+MAX_SECONDS = 5.0  # the default bound of a render's time
 MAX_DEPTH = 32
 _SCALARS = {str: str.__str__, bool: bool, int: int.__int__, float: float.__float__}  # exact copies of subclasses
 # What a template may read attributes of and call methods on: plain data and Jinja's own helpers.
@@ -75,7 +78,8 @@ class Budget:
             raise InputError(f"the chat template builds a value of more than {self.max_chars} characters")
 
 
-_budget: ContextVar[Budget | None] = ContextVar("chat_template_budget", default=None)
+# Outside a render (Jinja folds constant filter calls while compiling) the size bound holds, without a deadline.
+_budget: ContextVar[Budget] = ContextVar("chat_template_budget", default=Budget(MAX_CHARS, math.inf))
 
 
 @contextmanager
@@ -89,15 +93,11 @@ def render_budget(max_chars: int, max_seconds: float) -> Iterator[Budget]:
 
 
 def _check_time() -> None:
-    budget = _budget.get()
-    if budget is not None:
-        budget.check_time()
+    _budget.get().check_time()
 
 
 def _check_size(size: int) -> None:
-    budget = _budget.get()
-    if budget is not None:
-        budget.check_size(size)
+    _budget.get().check_size(size)
 
 
 def _check_result(value: Any) -> Any:

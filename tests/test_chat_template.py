@@ -97,6 +97,15 @@ def test_output_and_values_are_bounded(source):
     assert time.monotonic() - started < 5
 
 
+def test_constant_filters_are_not_folded_into_huge_values_at_compile_time():
+    """Jinja evaluates filters of constants while compiling: the size bound holds there too."""
+    started = time.monotonic()
+    template = ChatTemplate("{{ 'x' | center(1000000000) }}", {})
+    assert time.monotonic() - started < 1
+    with pytest.raises(InputError, match="more than 1048576 characters"):
+        template.render(conversation())
+
+
 def test_render_time_is_bounded():
     started = time.monotonic()
     rejected(
