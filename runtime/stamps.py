@@ -40,10 +40,11 @@ def _record_path(bundle: Path) -> Path:
 
 def read_stamps(bundle: Path) -> dict[str, Any]:
     """`{file name: {"stamp": [...], "sha256": hex}}` recorded for a resolved bundle directory; `{}` when there is
-    no usable record."""
+    no usable record (none, unreadable, or not a regular file of this user's: another user's record is not trusted)."""
     path = _record_path(bundle)
     try:
-        if not stat.S_ISREG(path.stat().st_mode):
+        status = path.stat()
+        if not stat.S_ISREG(status.st_mode) or status.st_uid != os.geteuid():
             return {}
         record = json.loads(path.read_text())
     except (OSError, ValueError):

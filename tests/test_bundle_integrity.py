@@ -127,6 +127,18 @@ def test_unwritable_cache_directory_still_loads_and_verifies_fully(bundle, monke
     assert len(hashed) == 2 * len(json.loads((bundle / "manifest.json").read_text())["files"])
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="handing a file to another user needs root")
+def test_another_users_stamp_record_is_not_trusted(bundle, monkeypatch, cache_dir):
+    """In a shared cache directory, a record someone else wrote could vouch for a tampered file."""
+    settle(bundle)
+    load_bundle(bundle)
+    (record,) = (cache_dir / "verified").glob("*.json")
+    os.chown(record, 12345, 12345)
+    hashed = count_hashes(monkeypatch)
+    load_bundle(bundle)
+    assert len(hashed) == len(json.loads((bundle / "manifest.json").read_text())["files"])
+
+
 def test_unknown_verify_mode_is_an_input_error(bundle):
     with pytest.raises(InputError, match="verify must be one of auto, full"):
         load_bundle(bundle, verify="none")
