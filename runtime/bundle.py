@@ -30,6 +30,7 @@ from .tokenizer import Tokenizer
 FORMAT_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 VERIFY_MODES = ("auto", "full")
+MAX_MANIFEST_BYTES = 64 << 20  # real manifests are a few kB; this bounds what is read into memory
 _REEXPORT = "re-export the bundle with llava-export"
 # The arrays the runtime reads and their shapes, as keys of the manifest's `text` section.
 _ARRAY_DIMS = {"embed_tokens": ("vocab_size", "hidden_size"), "image_newline": ("hidden_size",)}
@@ -185,7 +186,8 @@ class Bundle:
 
 
 def _read_manifest(root: Path) -> Any:
-    _regular_file(root, MANIFEST_NAME)
+    if _regular_file(root, MANIFEST_NAME).st_size > MAX_MANIFEST_BYTES:
+        raise BundleError(f"{MANIFEST_NAME} is larger than {MAX_MANIFEST_BYTES >> 20} MiB; {_REEXPORT}")
     try:
         return json.loads((root / MANIFEST_NAME).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -239,6 +241,8 @@ def load_bundle(path: str | Path, verify: str = "auto") -> Bundle:
     """
     if verify not in VERIFY_MODES:
         raise InputError(f"verify must be one of {', '.join(VERIFY_MODES)}, got {verify!r}")
+    if not isinstance(path, (str, os.PathLike)):
+        raise InputError(f"a bundle path must be a string or a path, got {type(path).__name__}")
     root = Path(path).resolve()
     if not root.is_dir():
         raise BundleError(f"bundle directory not found: {path}")

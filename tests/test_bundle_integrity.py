@@ -139,9 +139,11 @@ def test_another_users_stamp_record_is_not_trusted(bundle, monkeypatch, cache_di
     assert len(hashed) == len(json.loads((bundle / "manifest.json").read_text())["files"])
 
 
-def test_unknown_verify_mode_is_an_input_error(bundle):
+def test_unknown_verify_mode_and_non_path_are_input_errors(bundle):
     with pytest.raises(InputError, match="verify must be one of auto, full"):
         load_bundle(bundle, verify="none")
+    with pytest.raises(InputError, match="a bundle path must be a string or a path, got int"):
+        load_bundle(7)
 
 
 def test_progress_bar_on_a_terminal(bundle):
@@ -225,6 +227,11 @@ def test_invalid_manifest_is_refused_with_its_json_path(bundle, edit, fragment):
 def test_manifest_that_is_not_an_object_is_refused(bundle):
     (bundle / "manifest.json").write_text("[1, 2]")
     refused(bundle, "manifest.json is not a JSON object")
+
+
+def test_oversized_manifest_is_refused_unread(bundle):
+    os.truncate(bundle / "manifest.json", 1 << 40)  # sparse: a terabyte that takes no disk
+    refused(bundle, "manifest.json is larger than 64 MiB")
 
 
 # ---- files the runtime opens: listed, inside the bundle, regular ---------------------------------------
