@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from functools import cache
@@ -10,7 +11,7 @@ from typing import Protocol
 
 import numpy as np
 
-from .errors import BackendUnavailable, BundleError
+from .errors import BackendUnavailable, BundleError, InputError
 
 
 @dataclass(frozen=True)
@@ -95,8 +96,17 @@ class OnnxRuntimeSession:
 BACKENDS = {"onnxruntime": OnnxRuntimeSession}
 
 
-def open_session(path: Path, backend: str = "onnxruntime", **options) -> Session:
+def check_threads(threads: object) -> int | None:
+    """`threads` as given when it is None (the backend's default) or an int from 1 to the machine's CPU count;
+    else `InputError` (onnxruntime segfaults or hangs on absurd thread counts rather than refusing them)."""
+    cpus = os.cpu_count() or 1
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= cpus):
+        raise InputError(f"threads must be an integer from 1 to {cpus} (this machine's CPU count), got {threads!r}")
+    return threads
+
+
+def open_session(path: Path, backend: str = "onnxruntime", threads: int | None = None, **options) -> Session:
     """Load a graph with the named backend."""
     if backend not in BACKENDS:
         raise BackendUnavailable(f"unknown backend {backend!r} (available: {', '.join(BACKENDS)})")
-    return BACKENDS[backend](path, **options)
+    return BACKENDS[backend](path, threads=check_threads(threads), **options)

@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 
 from .console import add_standard_options, one_line, run_command
 from .errors import LlavaRtError
+from .image_processing import MAX_IMAGE_PIXELS
 from .request import DEFAULT_MAX_NEW_TOKENS, DEFAULT_NUM_FRAMES
 
 INTERACTIVE_HELP = """commands:
@@ -71,6 +73,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="N",
         help="onnxruntime intra-op threads per graph (default: onnxruntime's, one per physical core)",
+    )
+    parser.add_argument(
+        "--verify",
+        choices=("auto", "full"),
+        default="auto",
+        help="bundle checksums: re-hash only files changed since they were last verified (auto, the default) or all (full)",
+    )
+    parser.add_argument(
+        "--max-image-pixels",
+        type=int,
+        default=MAX_IMAGE_PIXELS,
+        metavar="N",
+        help=f"refuse an image or video frame with more pixels, before decoding it (default: {MAX_IMAGE_PIXELS})",
     )
     parser.add_argument(
         "--json",
@@ -179,7 +194,11 @@ def _main(args) -> int:
 
     # The request's own fields are checked before the (possibly long) bundle load, its ranges right after.
     probe = Request.build(prompt=args.prompt or "", images=args.image, videos=args.video, **_request_fields(args))
-    pipeline = Pipeline.load(args.bundle, threads=args.threads)
+    from PIL import Image
+
+    # Pillow warns about large images as it opens them; the size limit above refuses them on its own line.
+    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+    pipeline = Pipeline.load(args.bundle, threads=args.threads, verify=args.verify, max_image_pixels=args.max_image_pixels)
     pipeline.show_progress = True
     pipeline.search_options(probe.search)
     return _interactive(pipeline, args) if args.interactive else _answer(pipeline, args)

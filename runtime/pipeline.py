@@ -11,20 +11,19 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from .backends import open_session
+from .backends import check_threads
 from .bundle import Bundle, load_bundle
-from .chat import ChatTemplate, normalize_messages, user_turn
+from .chat import normalize_messages, user_turn
 from .console import progress
 from .decoding import Generator
 from .detokenize import TextStream
 from .errors import BundleError, InputError
 from .feature_cache import FeatureCache
-from .image_processing import ImageInput
+from .image_processing import MAX_IMAGE_PIXELS, ImageInput
 from .kv_cache import KVCache
 from .media import Media, MediaProcessor
 from .request import Request
 from .sampling import SearchOptions
-from .tokenizer import Tokenizer
 from .video import VideoInput
 
 logger = logging.getLogger("llava_rt")
@@ -67,7 +66,9 @@ class Pipeline:
 
     show_progress = False  # a progress bar over vision batches on a terminal (the CLI sets it)
 
-    def __init__(self, bundle: Bundle, backend: str = "onnxruntime", threads: int | None = None):
+    def __init__(
+        self, bundle: Bundle, backend: str = "onnxruntime", threads: int | None = None, max_image_pixels: int = MAX_IMAGE_PIXELS
+    ):
         manifest = bundle.manifest
         self.bundle = bundle
         self.manifest = manifest
@@ -75,7 +76,7 @@ class Pipeline:
         self.tokenizer = bundle.tokenizer()
         self.chat_template = bundle.chat_template()
         self.embed_tokens = bundle.array("embed_tokens")
-        self.media = MediaProcessor(manifest, np.asarray(bundle.array("image_newline")))
+        self.media = MediaProcessor(manifest, np.asarray(bundle.array("image_newline")), max_image_pixels)
         self.tokens = manifest["tokens"]
         self._placeholder_kinds = {
             self.tokens[f"{kind}_token"]: kind for kind in ("image", "video") if self.tokens.get(f"{kind}_token")
@@ -84,11 +85,20 @@ class Pipeline:
         self.max_length = manifest["text"]["max_position_embeddings"]
 
     @classmethod
-    def load(cls, path: str | Path, backend: str = "onnxruntime", threads: int | None = None, verify: str = "auto") -> "Pipeline":
+    def load(
+        cls,
+        path: str | Path,
+        backend: str = "onnxruntime",
+        threads: int | None = None,
+        verify: str = "auto",
+        max_image_pixels: int = MAX_IMAGE_PIXELS,
+    ) -> "Pipeline":
         """Load a bundle directory. `verify`: "auto" re-hashes only the files changed since this user last verified
         them, "full" re-hashes every file (see `load_bundle`). `threads`: intra-op threads per graph (default: one
-        per physical core)."""
-        return cls(load_bundle(path, verify=verify), backend=backend, threads=threads)
+        per physical core; at most the CPU count). `max_image_pixels`: the most pixels an image or a video frame
+        may have (checked before decoding it)."""
+        check_threads(threads)  # before the bundle is hashed
+        return cls(load_bundle(path, verify=verify), backend=backend, threads=threads, max_image_pixels=max_image_pixels)
 
     # ---- request preparation -------------------------------------------------------------------------
 

@@ -27,6 +27,15 @@ VARIANTS = {
 }
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_llava_rt_cache(tmp_path_factory):
+    """Verification stamps (and anything else llava-rt caches per user) go to a temporary directory, also for the
+    CLIs the tests start as subprocesses, never to the home directory."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LLAVA_RT_CACHE_DIR", str(tmp_path_factory.mktemp("llava-rt-cache")))
+        yield
+
+
 @dataclass
 class Variant:
     """One tiny checkpoint, its exported bundle, and transformers' model and processor for it."""

@@ -369,3 +369,32 @@ def test_undecodable_text_is_one_line_in_both_modes(variants):
     chat = subprocess.run([*command, b"--interactive"], input=b"caf\xe9 \xff\n/quit\n", capture_output=True, timeout=120)
     assert chat.returncode == 0 and b"Traceback" not in chat.stderr, chat.stderr
     assert b"llava-run: error:" in chat.stderr
+
+
+@pytest.mark.parametrize(
+    "options, fragment",
+    [
+        (("--threads", "100000"), "threads must be an integer from 1 to"),
+        (("--threads", "0"), "threads must be an integer from 1 to"),
+        (("--max-image-pixels", "0"), "max_image_pixels must be a positive integer"),
+    ],
+)
+def test_run_bad_load_options(variants, options, fragment):
+    result = run("llava_rt.runtime.cli", str(variants["mistral"].bundle), "--prompt", "Hi", *options)
+    assert_one_line_error(result, "llava-run", fragment)
+
+
+def test_run_image_over_the_pixel_limit_and_full_verification(variants, image_file):
+    bundle = str(variants["mistral"].bundle)
+    small = run("llava_rt.runtime.cli", bundle, "--prompt", "Hi", "--image", str(image_file), "--max-image-pixels", "1000")
+    assert_one_line_error(small, "llava-run", "1000")
+    full = run("llava_rt.runtime.cli", bundle, "--prompt", "Hi", "--max-new-tokens", "2", "--verify", "full")
+    assert full.returncode == 0, full.stderr
+
+
+def test_api_threads_are_checked_before_the_bundle_is_read(tmp_path):
+    from llava_rt.runtime import Pipeline
+
+    for threads in (10**5, -1, 2.5, "4", True):
+        with pytest.raises(InputError, match="threads must be an integer"):
+            Pipeline.load(tmp_path / "no-bundle-here", threads=threads)
