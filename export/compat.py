@@ -11,7 +11,7 @@ from packaging.version import Version
 from ..runtime.errors import ExportError
 
 # Keep in step with pyproject.toml's `export` extra and the README's "Tested versions".
-TESTED_TRANSFORMERS = ("5.18.0", "5.24.0")  # the lowest and the highest release the test suite ran with
+TESTED_TRANSFORMERS = ("5.21.0", "5.24.0")  # the lowest and the highest release the test suite ran with
 SUPPORTED_BELOW = "5.25"
 
 

@@ -37,6 +37,8 @@ def _load_pil(image: Image.Image, max_pixels: int, what: str) -> Image.Image:
         image.load()
     except (OSError, ValueError, SyntaxError, AssertionError, Image.DecompressionBombError) as exc:
         raise InputError(f"cannot read {what}: {str(exc) or 'its file was closed before it was loaded'}") from None
+    except AttributeError:  # Pillow before 11 on an image whose file was closed
+        raise InputError(f"cannot read {what}: its file was closed before it was loaded") from None
     return image
 
 

@@ -38,9 +38,9 @@ def test_the_transformers_range_is_the_tested_one():
     assert _pins()["transformers"] == TESTED_TRANSFORMERS[0]
 
 
-@pytest.mark.parametrize("version", ["5.17.0", "5.25.0", "5.25.0.dev0", "6.0.0"])
+@pytest.mark.parametrize("version", ["5.20.0", "5.25.0", "5.25.0.dev0", "6.0.0"])
 def test_export_refuses_untested_transformers_releases(version):
-    with pytest.raises(ExportError, match=r"tested: 5\.18\.0 to 5\.24\.0.*pip install"):
+    with pytest.raises(ExportError, match=r"tested: 5\.21\.0 to 5\.24\.0.*pip install"):
         check_transformers(version)
 
 
@@ -67,6 +67,6 @@ def test_llava_export_names_the_supported_range_before_any_work(tmp_path):
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        "llava-export: error: transformers 5.25.0 is not supported by this llava-rt export (tested: 5.18.0 to 5.24.0); "
-        'install one with: pip install "transformers>=5.18.0,<5.25"'
+        "llava-export: error: transformers 5.25.0 is not supported by this llava-rt export (tested: 5.21.0 to 5.24.0); "
+        'install one with: pip install "transformers>=5.21.0,<5.25"'
     ]
