@@ -205,9 +205,12 @@ def test_run_stream_prints_the_same_answer(variants, image_file):
         (("--do-sample", "--temperature", "-1"), "temperature must be > 0"),
         (("--top-p", "1.5"), "top_p must be in (0, 1]"),
         (("--top-k", "-2"), "top_k must be an integer >= 0"),
+        (("--threads", "100000"), "threads must be an integer from 1 to"),
+        (("--threads", "0"), "threads must be an integer from 1 to"),
+        (("--max-image-pixels", "0"), "max_image_pixels must be a positive integer"),
     ],
 )
-def test_run_bad_generation_options(variants, options, fragment):
+def test_run_bad_options(variants, options, fragment):
     result = run("llava_rt.runtime.cli", str(variants["mistral"].bundle), "--prompt", "Hi", *options)
     assert_one_line_error(result, "llava-run", fragment)
 
@@ -369,19 +372,6 @@ def test_undecodable_text_is_one_line_in_both_modes(variants):
     chat = subprocess.run([*command, b"--interactive"], input=b"caf\xe9 \xff\n/quit\n", capture_output=True, timeout=120)
     assert chat.returncode == 0 and b"Traceback" not in chat.stderr, chat.stderr
     assert b"llava-run: error:" in chat.stderr
-
-
-@pytest.mark.parametrize(
-    "options, fragment",
-    [
-        (("--threads", "100000"), "threads must be an integer from 1 to"),
-        (("--threads", "0"), "threads must be an integer from 1 to"),
-        (("--max-image-pixels", "0"), "max_image_pixels must be a positive integer"),
-    ],
-)
-def test_run_bad_load_options(variants, options, fragment):
-    result = run("llava_rt.runtime.cli", str(variants["mistral"].bundle), "--prompt", "Hi", *options)
-    assert_one_line_error(result, "llava-run", fragment)
 
 
 def test_run_image_over_the_pixel_limit_and_full_verification(variants, image_file):
