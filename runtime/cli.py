@@ -179,8 +179,10 @@ def _interactive_turn(session, text: str, images: list, videos: list, fields: di
         print()
         _print_timings(turn.result)
     except KeyboardInterrupt:
-        if turn is not None:
-            turn.close()
+        if turn is None:  # still preparing the turn: nothing was said yet
+            print("\nllava-run: interrupted; the message was not sent", file=sys.stderr)
+            return
+        turn.close()
         print("\nllava-run: answer interrupted (kept in the conversation)", file=sys.stderr)
     except LlavaRtError as exc:
         print(f"llava-run: error: {one_line(exc)}", file=sys.stderr)
