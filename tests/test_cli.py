@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import llava_rt
 from conftest import assert_one_line_error, run
 from llava_rt.runtime import InputError
 
@@ -258,7 +259,7 @@ def test_run_system_prompt_in_both_modes(variants):
 
 def test_run_version():
     result = run("llava_rt.runtime.cli", "--version")
-    assert result.returncode == 0 and result.stdout.strip() == "llava-run 0.1.0"
+    assert result.returncode == 0 and result.stdout.strip() == f"llava-run {llava_rt.__version__}"
 
 
 def test_run_interactive_help_and_unknown_commands_are_not_sent(variants):
