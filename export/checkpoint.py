@@ -1,4 +1,5 @@
-"""Reading a local Hugging Face checkpoint directory: validation first (cheap, no torch), then the model."""
+"""Reading a local Hugging Face checkpoint directory: validation first (configs and tokenizer, no weights), then the
+model."""
 
 from __future__ import annotations
 
@@ -26,12 +27,19 @@ class Checkpoint:
 
     path: Path
     config: dict[str, Any]
+    model_config: Any  # config.json as transformers reads it (its defaults filled in), before any weight loads
     image_processor: dict[str, Any]
     video_processor: dict[str, Any]
     processor: dict[str, Any]
     tokenizer_config: dict[str, Any]
     generation_config: dict[str, Any]
     chat_template: str | None
+    origins: dict[str, str]  # section -> where its keys are: "preprocessor_config.json: " or "processor_config.json: x."
+
+    def source(self, section: str, key: str, default: Any = None) -> tuple[str, Any]:
+        """`(where, value)` of a key of one of the configs above: `file: key`, and its value (`default` if null or absent)."""
+        value = getattr(self, section).get(key)
+        return f"{self.origins[section]}{key}", default if value is None else value
 
     @property
     def model_type(self) -> str:
@@ -71,6 +79,17 @@ def _check_config(path: Path, config: dict[str, Any]) -> None:
     architectures = config.get("architectures", [MODEL_CLASSES[model_type]])
     if not isinstance(architectures, list) or not architectures or not all(isinstance(a, str) for a in architectures):
         raise CheckpointError(f"config.json: architectures must be a non-empty list of class names, got {architectures!r}")
+
+
+def _load_config(path: Path):
+    """config.json as transformers reads it before loading weights, which type-checks its fields."""
+    import transformers
+
+    try:
+        with quiet_transformers():
+            return transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+    except Exception as exc:  # transformers raises many types (a strict-dataclass error for a mistyped field)
+        raise CheckpointError(f"config.json: {' '.join(str(exc).split())}") from None
 
 
 def _check_tokenizer(path: Path) -> None:
@@ -121,8 +140,10 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
         raise CheckpointError(f"checkpoint has no weights (*.safetensors): {path}")
     _check_tokenizer(path / "tokenizer.json")
+    model_config = _load_config(path)
     processor = _read_json(path / "processor_config.json")
-    image_processor = _read_json(path / "preprocessor_config.json") or _section(processor, "image_processor")
+    image_processor, image_origin = _sub_processor(path, processor, "preprocessor_config.json", "image_processor")
+    video_processor, video_origin = _sub_processor(path, processor, "video_preprocessor_config.json", "video_processor")
     if not image_processor:
         raise CheckpointError(f"checkpoint has no image processor config (preprocessor_config.json): {path}")
     tokenizer_config = _read_json(path / "tokenizer_config.json")
@@ -131,21 +152,33 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     return Checkpoint(
         path=path,
         config=config,
+        model_config=model_config,
         image_processor=image_processor,
-        video_processor=_read_json(path / "video_preprocessor_config.json") or _section(processor, "video_processor"),
+        video_processor=video_processor,
         processor=processor,
         tokenizer_config=tokenizer_config,
         generation_config=_read_json(path / "generation_config.json"),
         chat_template=chat_template,
+        origins={
+            "image_processor": image_origin,
+            "video_processor": video_origin,
+            "processor": "processor_config.json: ",
+            "tokenizer_config": "tokenizer_config.json: ",
+            "generation_config": "generation_config.json: ",
+        },
     )
 
 
-def _section(processor: dict[str, Any], key: str) -> dict[str, Any]:
-    """A sub-processor's config inside processor_config.json (empty when absent)."""
+def _sub_processor(path: Path, processor: dict[str, Any], file_name: str, key: str) -> tuple[dict[str, Any], str]:
+    """A sub-processor's config (its own file, else its section of processor_config.json; empty when neither), and
+    where its keys are."""
+    own = _read_json(path / file_name)
+    if own:
+        return own, f"{file_name}: "
     value = processor.get(key, {})
     if not isinstance(value, dict):
         raise CheckpointError(f"processor_config.json: {key} must be a JSON object, not {type(value).__name__}")
-    return value
+    return value, f"processor_config.json: {key}."
 
 
 @contextmanager

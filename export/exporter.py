@@ -15,13 +15,14 @@ import torch
 
 from ..runtime.bundle import MANIFEST_NAME, read_array, sha256_file
 from ..runtime.console import progress
-from ..runtime.errors import ExportError
+from ..runtime.errors import BundleError, ExportError
 from ..runtime.kv_cache import new_names, past_names
+from ..runtime.manifest_schema import _REEXPORT, check_manifest
 from . import verify
 from .checkpoint import load_model, read_checkpoint
 from .compat import check_transformers
 from .graphs import DecoderWithCache, Projector, VideoPooler, VisionFeatures
-from .manifest import build_manifest, describe_io, feature_layers
+from .manifest import build_manifest, config_sections, describe_io, feature_layers
 from .onnx_export import export_onnx
 from .options import DTYPES, PRECISIONS
 from .quantize import measure_drift, quantize_decoder
@@ -198,6 +199,15 @@ def _export_graphs(
     return graphs, diffs
 
 
+def _check_loadable(manifest: dict[str, Any]) -> None:
+    """Refuse to write a manifest the runtime would refuse to load."""
+    try:
+        check_manifest(manifest)
+    except BundleError as exc:
+        problem = str(exc).removesuffix(f"; {_REEXPORT}")  # that advice is for a bundle already written
+        raise ExportError(f"the runtime would refuse this bundle: {problem}") from None
+
+
 def export_bundle(
     checkpoint_dir: str | Path,
     out_dir: str | Path,
@@ -209,10 +219,11 @@ def export_bundle(
 ) -> dict[str, Any]:
     """Export a checkpoint into a bundle at `out_dir`; returns the manifest. Nothing is left behind on failure.
 
-    The checkpoint and `out_dir` are checked before any heavy work; `force` replaces an existing bundle or an
-    empty directory, nothing else. Each graph must match PyTorch within `tolerance` (max abs difference;
-    default per dtype, see `verify.TOLERANCE`). `precision` ("int8" or "int4") adds a weight-only quantized
-    decoder, which the runtime then uses; the fp32 decoder stays as the reference and the drift is recorded.
+    The checkpoint (with every manifest value its configs give) and `out_dir` are checked before any heavy work;
+    `force` replaces an existing bundle or an empty directory, nothing else. Each graph must match PyTorch within
+    `tolerance` (max abs difference; default per dtype, see `verify.TOLERANCE`). `precision` ("int8" or "int4") adds
+    a weight-only quantized decoder, which the runtime then uses; the fp32 decoder stays as the reference and the
+    drift is recorded. The manifest is checked as the runtime checks it before it is written.
     """
     if dtype not in DTYPES:
         raise ExportError(f"unsupported dtype {dtype!r} (choose from {', '.join(DTYPES)})")
@@ -222,6 +233,7 @@ def export_bundle(
     tolerance = verify.TOLERANCE[dtype] if tolerance is None else tolerance
     out_dir = Path(out_dir)
     checkpoint = read_checkpoint(checkpoint_dir)
+    sections = config_sections(checkpoint)
     check_destination(out_dir, force, keep=checkpoint.path)
     started = time.perf_counter()
     names = [
@@ -250,7 +262,7 @@ def export_bundle(
             shutil.copyfile(checkpoint.tokenizer_file, work / "tokenizer.json")
             if checkpoint.chat_template is not None:
                 (work / "chat_template.jinja").write_text(checkpoint.chat_template, encoding="utf-8")
-            manifest = build_manifest(checkpoint, model, dtype, graphs, arrays, diffs, tolerance)
+            manifest = build_manifest(checkpoint, sections, model, dtype, graphs, arrays, diffs, tolerance)
             if precision is not None:
                 stages.next()
                 _add_quantized_decoder(manifest, work, precision, embed, log)
@@ -258,6 +270,7 @@ def export_bundle(
             manifest["files"] = {
                 p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in sorted(work.iterdir()) if p.is_file()
             }
+            _check_loadable(manifest)
             (work / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
     finally:
         stages.close()

@@ -1,10 +1,14 @@
-"""The bundle manifest: every parameter the runtime needs, read from the checkpoint and the loaded model."""
+"""The bundle manifest: every parameter the runtime needs, read from the checkpoint's configs (and checked) before
+the model loads, then from the loaded model and the exported graphs."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import onnx
 import torch
 import transformers
@@ -12,10 +16,13 @@ from tokenizers import Tokenizer
 
 from .. import __version__
 from ..runtime.bundle import FORMAT_VERSION
+from ..runtime.errors import CheckpointError
+from ..runtime.manifest_schema import MANIFEST_SCHEMA
 from .checkpoint import Checkpoint
 from .graphs import layer_windows
 from .onnx_export import OPSET
 
+_SCHEMA = MANIFEST_SCHEMA["properties"]  # the runtime's schema of each manifest section
 _CLIP_MEAN_STD = {"image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711]}
 _COMMON_DEFAULTS = {"do_resize": True, "resample": 3, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True}
 # Each family's image processor defaults, for keys a checkpoint's processor config leaves out.
@@ -55,34 +62,136 @@ _VIDEO_PROCESSOR_DEFAULTS = {
 }
 
 
+def _as_is(value: Any) -> Any:
+    return value
+
+
+class _Section:
+    """One manifest section computed from a checkpoint's configs. Each value `set` in it remembers where it came from
+    (`file: key`), so that a value that does not convert, or that the runtime's manifest schema refuses (`check`),
+    fails as a one-line `CheckpointError` naming that file and key."""
+
+    def __init__(self, **constants: Any):
+        self.values: dict[str, Any] = constants
+        self._origins: dict[tuple[str, ...], str] = {}
+
+    def set(self, path: str, *sources: tuple[str, Any], convert: Callable[[Any], Any] = _as_is) -> tuple[str, Any]:
+        """Put the first of `sources` (`(where, value)` pairs) that has a value, converted, at `path` (dotted)."""
+        where, value = _read(sources, convert)
+        *parents, name = keys = tuple(path.split("."))
+        target = self.values
+        for parent in parents:
+            target = target.setdefault(parent, {})
+        target[name] = value
+        self._origins[keys] = where
+        return where, value
+
+    def check(self, schema: dict[str, Any]) -> dict[str, Any]:
+        """The values, once the runtime's `schema` of this section accepts them (less the keys computed later)."""
+        schema = {**schema, "required": [key for key in schema.get("required", []) if key in self.values]}
+        error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(schema).iter_errors(self.values))
+        if error is None:
+            return self.values
+        path = list(error.absolute_path)
+        for depth in range(len(path), 0, -1):
+            where = self._origins.get(tuple(map(str, path[:depth])))
+            if where is not None:
+                where += "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in path[depth:])
+                break
+        else:
+            where = error.json_path
+        raise CheckpointError(f"{where}: {' '.join(error.message.split())}")
+
+
+def _read(sources: tuple[tuple[str, Any], ...], convert: Callable[[Any], Any]) -> tuple[str, Any]:
+    """`(where, converted value)` of the first of `sources` that has a value (else the last)."""
+    where, value = next((source for source in sources if source[1] is not None), sources[-1])
+    try:
+        return where, convert(value)
+    except (TypeError, ValueError, ArithmeticError) as exc:
+        raise CheckpointError(f"{where}: {exc}") from None
+
+
+def _from_config(checkpoint: Checkpoint, path: str) -> tuple[str, Any]:
+    """`(where, value)` of a config.json field as transformers reads it (its default when absent; None if no such field)."""
+    value = checkpoint.model_config
+    for name in path.split("."):
+        value = getattr(value, name, None)
+    return f"config.json: {path}", value
+
+
+def _integer(value: Any) -> int:
+    """A JSON integer (224.0 too) as an int; anything else is a TypeError."""
+    if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+        raise TypeError(f"{value!r} is not an integer")
+    return int(value)
+
+
 def _size_dict(value: Any, square: bool) -> dict[str, int]:
     """transformers' `get_size_dict`: an int means a shortest edge (or a square, for crop sizes)."""
     if value is None:
         return {}
     if isinstance(value, dict):
-        return {k: int(v) for k, v in value.items() if v is not None}
-    return {"height": int(value), "width": int(value)} if square else {"shortest_edge": int(value)}
+        return {k: _integer(v) for k, v in value.items() if v is not None}
+    side = _integer(value)
+    return {"height": side, "width": side} if square else {"shortest_edge": side}
 
 
-def _processor_params(given: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
-    """A processor config completed with its class defaults, sizes normalized to dicts."""
-    params = {**defaults, **{k: given[k] for k in defaults if k in given and given[k] is not None}}
-    params["size"] = _size_dict(params["size"], square=False)
-    if "crop_size" in params:
-        params["crop_size"] = _size_dict(params["crop_size"], square=True)
-        params["do_center_crop"] = bool(params["do_center_crop"]) and bool(params["crop_size"])
-    params["resample"] = int(params["resample"])
+def _pinpoints(value: Any) -> list[list[int]]:
+    if not isinstance(value, list) or not all(isinstance(pair, list) for pair in value):
+        raise TypeError(f"{value!r} is not a list of [height, width] pairs")
+    return [[_integer(side) for side in pair] for pair in value]
+
+
+def _token_ids(value: Any) -> list[int]:
+    """One token id or a list of them, as a list (empty for null)."""
+    if value is None:
+        return []
+    return [_integer(i) for i in value] if isinstance(value, list) else [_integer(value)]
+
+
+def _token_id(value: Any) -> int | None:
+    return None if value is None else _integer(value)
+
+
+def _token_string(value: Any) -> str | None:
+    """A special token as tokenizer_config.json saves it: a string, or an object with its `content`."""
+    token = value.get("content") if isinstance(value, dict) else value
+    if token is not None and not isinstance(token, str):
+        raise TypeError(f"{token!r} is not a token string")
+    return token
+
+
+def _anyres_max(value: str) -> int:
+    """N of `anyres_max_N`."""
+    number = value.removeprefix("anyres_max_")
+    if number == value or not number.isdecimal():
+        raise ValueError(f"{value!r} is not anyres_max_<N>")
+    return int(number)
+
+
+_CONVERTERS = {"size": partial(_size_dict, square=False), "crop_size": partial(_size_dict, square=True), "resample": _integer}
+
+
+def _processor_params(checkpoint: Checkpoint, config: str, defaults: dict[str, Any]) -> _Section:
+    """A processor config (`config`: a section of the checkpoint) completed with its class defaults, sizes normalized to
+    dicts; no center crop without a crop size."""
+    params = _Section()
+    for key, default in defaults.items():
+        params.set(key, checkpoint.source(config, key, default), convert=_CONVERTERS.get(key, _as_is))
+    if not params.values["crop_size"]:
+        params.values["do_center_crop"] = False
     return params
 
 
 def _preprocess_params(checkpoint: Checkpoint) -> dict[str, Any]:
-    params = _processor_params(checkpoint.image_processor, _IMAGE_PROCESSOR_DEFAULTS[checkpoint.model_type])
-    pinpoints = checkpoint.image_processor.get("image_grid_pinpoints") or checkpoint.config["image_grid_pinpoints"]
-    params["image_grid_pinpoints"] = [list(map(int, p)) for p in pinpoints]
-    return params
+    params = _processor_params(checkpoint, "image_processor", _IMAGE_PROCESSOR_DEFAULTS[checkpoint.model_type])
+    pinpoints = checkpoint.source("image_processor", "image_grid_pinpoints")
+    params.set("image_grid_pinpoints", pinpoints, _from_config(checkpoint, "image_grid_pinpoints"), convert=_pinpoints)
+    return params.check(_SCHEMA["preprocess"])
 
 
-def _video_params(checkpoint: Checkpoint, model, grid: int) -> dict[str, Any] | None:
+def _video_params(checkpoint: Checkpoint, grid: tuple[str, int]) -> dict[str, Any] | None:
     """Video frames: preprocessing, pooling, and the tokens each frame becomes.
 
     OneVision pools projected features 2x2 bilinearly (in the runtime) and closes the video with one
@@ -90,74 +199,104 @@ def _video_params(checkpoint: Checkpoint, model, grid: int) -> dict[str, Any] | 
     """
     if checkpoint.model_type not in _VIDEO_PROCESSOR_DEFAULTS:
         return None
-    preprocess = _processor_params(checkpoint.video_processor, _VIDEO_PROCESSOR_DEFAULTS[checkpoint.model_type])
+    preprocess = _processor_params(checkpoint, "video_processor", _VIDEO_PROCESSOR_DEFAULTS[checkpoint.model_type])
+    video = _Section(preprocess=preprocess.check(_SCHEMA["video"]["properties"]["preprocess"]))
     if checkpoint.model_type == "llava_next_video":
-        stride = model.config.spatial_pool_stride
-        pooled = grid // stride
-        pooling = {"mode": "graph", "graph": "video_pool", "method": model.config.spatial_pool_mode, "stride": stride}
-        return {"preprocess": preprocess, "pooling": pooling, "tokens_per_frame": pooled * pooled, "newline": None}
-    pooled = -(-grid // 2)
-    return {
-        "preprocess": preprocess,
-        "pooling": {"mode": "bilinear", "size": [pooled, pooled]},
-        "tokens_per_frame": pooled * pooled,
-        "newline": "end",
-    }
+        config = checkpoint.model_config
+        video.values.update(newline=None, pooling={"mode": "graph", "graph": "video_pool", "method": config.spatial_pool_mode})
+        stride = _from_config(checkpoint, "spatial_pool_stride")
+        video.set("pooling.stride", stride)
+        video.set("tokens_per_frame", stride, convert=lambda stride: (grid[1] // stride) ** 2)
+    else:
+        video.values.update(newline="end", pooling={"mode": "bilinear"})
+        video.set("pooling.size", grid, convert=lambda grid: [-(-grid // 2)] * 2)
+        video.set("tokens_per_frame", grid, convert=lambda grid: (-(-grid // 2)) ** 2)
+    return video.check(_SCHEMA["video"])
 
 
-def _packing_params(model, grid: int) -> dict[str, Any]:
-    """How image features become prompt tokens (anyres tiling, unpadding, newlines, `anyres_max_N` downsampling)."""
-    config = model.config
-    strategy = config.vision_feature_select_strategy
-    packing = {
-        "mode": "anyres",
-        "tile_size": config.vision_config.image_size,
-        "patch_grid": grid,
-        "tokens_per_tile": grid * grid + (1 if strategy == "full" and _has_cls_token(model) else 0),
-        "image_grid_pinpoints": [list(map(int, p)) for p in config.image_grid_pinpoints],
-        "feature_layers": feature_layers(config),
-        "select_strategy": strategy,
-        "image_newline": True,
-        "max_num_patches": None,
-        "multi_image": "anyres",
-    }
-    aspect_ratio = getattr(config, "vision_aspect_ratio", None)
-    if aspect_ratio is not None:
-        packing["mode"] = "anyres_max"
-        packing["max_num_patches"] = int(aspect_ratio.removeprefix("anyres_max_"))
-        packing["multi_image"] = "base_only"  # several images in one prompt: no tiling, one newline each
-    return packing
+def _packing_params(checkpoint: Checkpoint, grid: tuple[str, int]) -> dict[str, Any]:
+    """How image features become prompt tokens (anyres tiling, unpadding, newlines, `anyres_max_N` downsampling), less
+    `tokens_per_tile`, which the vision tower decides (see `build_manifest`)."""
+    config = checkpoint.model_config
+    packing = _Section(
+        mode="anyres",
+        feature_layers=feature_layers(config),
+        select_strategy=config.vision_feature_select_strategy,
+        image_newline=True,
+        max_num_patches=None,
+        multi_image="anyres",
+    )
+    packing.set("tile_size", _from_config(checkpoint, "vision_config.image_size"))
+    packing.set("patch_grid", grid)
+    packing.set("image_grid_pinpoints", _from_config(checkpoint, "image_grid_pinpoints"), convert=_pinpoints)
+    aspect_ratio = _from_config(checkpoint, "vision_aspect_ratio")
+    if aspect_ratio[1] is not None:
+        packing.values.update(mode="anyres_max", multi_image="base_only")  # several images: no tiling, one newline each
+        packing.set("max_num_patches", aspect_ratio, convert=_anyres_max)
+    return packing.check(_SCHEMA["packing"])
 
 
-def _special_token(tokenizer_config: dict, key: str) -> str | None:
-    value = tokenizer_config.get(key)
-    return value.get("content") if isinstance(value, dict) else value
-
-
-def _token_params(checkpoint: Checkpoint, model) -> dict[str, Any]:
+def _token_params(checkpoint: Checkpoint) -> dict[str, Any]:
     tokenizer = Tokenizer.from_file(str(checkpoint.tokenizer_file))
-    text_config = model.config.text_config
     strings = {
-        key: _special_token(checkpoint.tokenizer_config, key) for key in ("bos_token", "eos_token", "unk_token", "pad_token")
+        key: _read((checkpoint.source("tokenizer_config", key),), _token_string)
+        for key in ("bos_token", "eos_token", "unk_token", "pad_token")
     }
-    eos = checkpoint.generation_config.get("eos_token_id", text_config.eos_token_id)
-    eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
-    if not eos_ids and strings["eos_token"]:
-        eos_ids = [tokenizer.token_to_id(strings["eos_token"])]
-    pad_id = checkpoint.generation_config.get("pad_token_id")
-    if pad_id is None and strings["pad_token"]:
-        pad_id = tokenizer.token_to_id(strings["pad_token"])
-    image_token = checkpoint.processor.get("image_token", "<image>")
-    video_token_id = getattr(model.config, "video_token_id", None)
+    tokens = _Section(video_token=None, special_tokens={key: token for key, (_, token) in strings.items() if token is not None})
+    tokens.set("image_token", checkpoint.source("processor", "image_token", "<image>"))
+    tokens.set("image_token_id", _from_config(checkpoint, "image_token_index"))
+    if tokens.set("video_token_id", _from_config(checkpoint, "video_token_index"))[1] is not None:
+        tokens.set("video_token", checkpoint.source("processor", "video_token", "<video>"))
+    tokens.set(
+        "bos_token_id",
+        checkpoint.source("generation_config", "bos_token_id"),
+        _from_config(checkpoint, "text_config.bos_token_id"),
+        convert=_token_id,
+    )
+    eos_sources = checkpoint.source("generation_config", "eos_token_id"), _from_config(checkpoint, "text_config.eos_token_id")
+    eos_where, eos_ids = tokens.set("eos_token_ids", *eos_sources, convert=_token_ids)
+    if not eos_ids and strings["eos_token"][1]:
+        eos_where, eos_ids = tokens.set(
+            "eos_token_ids", strings["eos_token"], convert=lambda token: [_vocab_id(tokenizer, token)]
+        )
+    pad_where, pad_token = strings["pad_token"]
+    tokens.set(  # else the tokenizer's pad token, else the first end-of-sequence token
+        "pad_token_id",
+        checkpoint.source("generation_config", "pad_token_id"),
+        (pad_where, tokenizer.token_to_id(pad_token) if pad_token else None),
+        (eos_where, eos_ids[0] if eos_ids else None),
+        convert=_token_id,
+    )
+    return tokens.check(_SCHEMA["tokens"])
+
+
+def _vocab_id(tokenizer: Tokenizer, token: str) -> int:
+    token_id = tokenizer.token_to_id(token)
+    if token_id is None:
+        raise ValueError(f"{token!r} is not in tokenizer.json")
+    return token_id
+
+
+def _generation_params(checkpoint: Checkpoint) -> dict[str, Any]:
+    generation = _Section()
+    for key in ("do_sample", "temperature", "top_k", "top_p", "min_p", "repetition_penalty"):
+        if key in checkpoint.generation_config:
+            generation.set(key, checkpoint.source("generation_config", key))
+    return generation.check(_SCHEMA["generation"])
+
+
+def config_sections(checkpoint: Checkpoint) -> dict[str, Any]:
+    """The manifest sections computed from the checkpoint's configs alone, and checked against the runtime's manifest
+    schema: run before the model loads, so that a value that cannot be used fails at once, in one line naming its
+    file and key."""
+    vision = checkpoint.model_config.vision_config
+    grid = _from_config(checkpoint, "vision_config.patch_size")[0], vision.image_size // vision.patch_size
     return {
-        "image_token": image_token,
-        "image_token_id": int(model.config.image_token_id),
-        "video_token": checkpoint.processor.get("video_token", "<video>") if video_token_id is not None else None,
-        "video_token_id": video_token_id,
-        "bos_token_id": checkpoint.generation_config.get("bos_token_id", text_config.bos_token_id),
-        "eos_token_ids": [int(i) for i in eos_ids],
-        "pad_token_id": int(pad_id if pad_id is not None else eos_ids[0]),
-        "special_tokens": {k: v for k, v in strings.items() if v is not None},
+        "tokens": _token_params(checkpoint),
+        "preprocess": _preprocess_params(checkpoint),
+        "packing": _packing_params(checkpoint, grid),
+        "video": _video_params(checkpoint, grid),
+        "generation": _generation_params(checkpoint),
     }
 
 
@@ -190,6 +329,7 @@ def describe_io(path: Path) -> dict[str, list[dict[str, Any]]]:
 
 def build_manifest(
     checkpoint: Checkpoint,
+    sections: dict[str, Any],
     model,
     dtype: str,
     graphs: dict[str, Any],
@@ -197,10 +337,12 @@ def build_manifest(
     diffs: dict[str, float],
     tolerance: float,
 ) -> dict[str, Any]:
-    """The manifest of a bundle, less its `files` table (written last, once every file exists)."""
+    """The manifest of a bundle, less its `files` table (written last, once every file exists): the `sections` from
+    `config_sections`, and what the model and the exported graphs add."""
     config = model.config
     vision_config, text_config = config.vision_config, config.text_config
-    grid = vision_config.image_size // vision_config.patch_size
+    packing = sections["packing"]
+    cls_token = packing["select_strategy"] == "full" and _has_cls_token(model)
     return {
         "format_version": FORMAT_VERSION,
         "family": config.model_type,
@@ -229,18 +371,14 @@ def build_manifest(
             "patch_size": vision_config.patch_size,
             "hidden_size": vision_config.hidden_size,
         },
-        "tokens": _token_params(checkpoint, model),
-        "preprocess": _preprocess_params(checkpoint),
-        "packing": _packing_params(model, grid),
-        "video": _video_params(checkpoint, model, grid),
+        "tokens": sections["tokens"],
+        "preprocess": sections["preprocess"],
+        "packing": {**packing, "tokens_per_tile": packing["patch_grid"] ** 2 + (1 if cls_token else 0)},
+        "video": sections["video"],
         "graphs": graphs,
         "arrays": arrays,
         "tokenizer": "tokenizer.json",
         "chat_template": "chat_template.jinja" if checkpoint.chat_template is not None else None,
         "verification": {"max_abs_diff": diffs, "tolerance": tolerance},
-        "generation": {
-            key: checkpoint.generation_config[key]
-            for key in ("do_sample", "temperature", "top_k", "top_p", "min_p", "repetition_penalty")
-            if key in checkpoint.generation_config
-        },
+        "generation": sections["generation"],
     }

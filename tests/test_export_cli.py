@@ -15,7 +15,11 @@ import pytest
 
 from conftest import assert_one_line_error, run
 from llava_rt import __version__
-from llava_rt.export.tiny_checkpoint import build_tiny_checkpoint
+from llava_rt.export.tiny_checkpoint import (
+    build_tiny_checkpoint,
+    build_tiny_next_video_checkpoint,
+    build_tiny_onevision_checkpoint,
+)
 
 # What a runtime-only install lacks: the modules of the export and bench extras.
 EXTRA_MODULES = ("torch", "transformers", "onnx", "onnxscript", "onnx_ir", "safetensors", "torchvision", "matplotlib")
@@ -127,9 +131,11 @@ def _write(path: Path, content: str | bytes) -> None:
     path.write_bytes(content if isinstance(content, bytes) else content.encode())
 
 
-def _edit_config(path: Path, **changes) -> None:
-    config = json.loads((path / "config.json").read_text())
-    (path / "config.json").write_text(json.dumps({**config, **changes}))
+def _edit_json(path: Path, changes: dict, section: str | None = None) -> None:
+    """Merge `changes` into a JSON file (created if absent), or into one of its sections."""
+    data = json.loads(path.read_text()) if path.exists() else {}
+    (data.setdefault(section, {}) if section else data).update(changes)
+    path.write_text(json.dumps(data))
 
 
 @pytest.mark.parametrize(
@@ -137,8 +143,8 @@ def _edit_config(path: Path, **changes) -> None:
     [
         (lambda ck: _write(ck / "config.json", "[1, 2]"), "config.json in checkpoint must hold a JSON object"),
         (lambda ck: _write(ck / "config.json", b'{"model_type": "llava_next\xff"}'), "unreadable config.json"),
-        (lambda ck: _edit_config(ck, model_type=["llava_next"]), "model_type is ['llava_next']"),
-        (lambda ck: _edit_config(ck, architectures=[]), "architectures must be a non-empty list"),
+        (lambda ck: _edit_json(ck / "config.json", {"model_type": ["llava_next"]}), "model_type is ['llava_next']"),
+        (lambda ck: _edit_json(ck / "config.json", {"architectures": []}), "architectures must be a non-empty list"),
         (lambda ck: _write(ck / "tokenizer.json", '{"model": {"type": "BPE"'), "unreadable tokenizer.json"),
         (lambda ck: _write(ck / "processor_config.json", '"text"'), "processor_config.json in checkpoint must hold a JSON"),
         (lambda ck: _write(ck / "chat_template.jinja", "{% for message in messages %}"), "chat template does not compile"),
@@ -149,6 +155,98 @@ def test_malformed_checkpoint_files_fail_in_one_line_before_export(copy, tmp_pat
     result = run("llava_rt.export.cli", "--checkpoint", str(copy), "--out", str(tmp_path / "b"))
     assert result.returncode == 2
     assert_one_line_error(result, "llava-export", fragment)
+    assert not (tmp_path / "b").exists() and leftovers(tmp_path) == []
+
+
+TINY_BUILDERS = {"onevision": build_tiny_onevision_checkpoint, "next_video": build_tiny_next_video_checkpoint}
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoints(checkpoint, tmp_path_factory):
+    """The tiny checkpoint of a family ("next", "onevision", "next_video"), built the first time it is asked for."""
+    built = {"next": checkpoint}
+
+    def get(family: str) -> Path:
+        if family not in built:
+            built[family] = TINY_BUILDERS[family](tmp_path_factory.mktemp(family) / "checkpoint")
+        return built[family]
+
+    return get
+
+
+IMAGE = "processor_config.json", "image_processor"  # where the tiny checkpoints keep their image processor config
+WHERE_IMAGE = "processor_config.json: image_processor."
+
+
+@pytest.mark.parametrize(
+    "family, file, section, changes, fragment",
+    [
+        ("next", "preprocessor_config.json", None, {"size": "abc"}, "preprocessor_config.json: size: 'abc' is not an integer"),
+        ("next", *IMAGE, {"size": {"shortest_edge": "x"}}, f"{WHERE_IMAGE}size: 'x' is not an integer"),
+        ("next", *IMAGE, {"size": {"shortest_edge": 0}}, f"{WHERE_IMAGE}size.shortest_edge: 0 is less than the minimum of 1"),
+        ("next", *IMAGE, {"crop_size": [1]}, f"{WHERE_IMAGE}crop_size: [1] is not an integer"),
+        (
+            "next",
+            *IMAGE,
+            {"image_grid_pinpoints": "x"},
+            f"{WHERE_IMAGE}image_grid_pinpoints: 'x' is not a list of [height, width]",
+        ),
+        ("next", *IMAGE, {"image_grid_pinpoints": [[1]]}, f"{WHERE_IMAGE}image_grid_pinpoints[0]: [1] is too short"),
+        ("next", *IMAGE, {"image_grid_pinpoints": []}, f"{WHERE_IMAGE}image_grid_pinpoints: [] should be non-empty"),
+        ("next", *IMAGE, {"image_mean": "x"}, f"{WHERE_IMAGE}image_mean: 'x' is not of type 'array'"),
+        ("next", *IMAGE, {"image_mean": [0.5, 0.5]}, f"{WHERE_IMAGE}image_mean: [0.5, 0.5] is too short"),
+        ("next", *IMAGE, {"image_std": [0.5, 0, 0.5]}, f"{WHERE_IMAGE}image_std[1]: 0 is less than or equal to the minimum of 0"),
+        ("next", *IMAGE, {"resample": "bicubic"}, f"{WHERE_IMAGE}resample: 'bicubic' is not an integer"),
+        ("next", *IMAGE, {"rescale_factor": "x"}, f"{WHERE_IMAGE}rescale_factor: 'x' is not of type 'number'"),
+        ("next", *IMAGE, {"do_resize": "maybe"}, f"{WHERE_IMAGE}do_resize: 'maybe' is not of type 'boolean'"),
+        ("next", *IMAGE, {"do_center_crop": "maybe"}, f"{WHERE_IMAGE}do_center_crop: 'maybe' is not of type 'boolean'"),
+        (
+            "next",
+            "processor_config.json",
+            None,
+            {"image_token": 5},
+            "processor_config.json: image_token: 5 is not of type 'string'",
+        ),
+        ("next", "tokenizer_config.json", None, {"eos_token": 7}, "tokenizer_config.json: eos_token: 7 is not a token string"),
+        ("next", "generation_config.json", None, {"eos_token_id": "x"}, "generation_config.json: eos_token_id: 'x' is not an"),
+        ("next", "generation_config.json", None, {"temperature": "hot"}, "generation_config.json: temperature: 'hot' is not of"),
+        ("next", "generation_config.json", None, {"top_p": 2}, "generation_config.json: top_p: 2 is greater than the maximum"),
+        ("next", "config.json", None, {"image_grid_pinpoints": "x"}, "config.json: Validation error for field 'image_grid_pin"),
+        ("next", "config.json", None, {"image_grid_pinpoints": [[1]]}, "config.json: image_grid_pinpoints[0]: [1] is too short"),
+        ("next", "config.json", None, {"image_token_index": -1}, "config.json: image_token_index: -1 is less than the minimum"),
+        ("onevision", "video_preprocessor_config.json", None, {"size": "abc"}, "video_preprocessor_config.json: size: 'abc'"),
+        ("onevision", "processor_config.json", "video_processor", {"image_mean": [1, 1]}, "video_processor.image_mean: [1, 1]"),
+        ("onevision", "processor_config.json", None, {"video_token": ""}, "processor_config.json: video_token: '' should be"),
+        ("onevision", "config.json", None, {"vision_aspect_ratio": "anyres_max_x"}, "config.json: vision_aspect_ratio: 'anyres"),
+        ("next_video", "config.json", None, {"spatial_pool_stride": 0}, "config.json: spatial_pool_stride: integer division"),
+    ],
+)
+def test_an_unusable_config_value_fails_naming_its_file_and_key_before_the_model_loads(
+    tiny_checkpoints, tmp_path, family, file, section, changes, fragment
+):
+    """Values the manifest takes from the configs are computed and checked against the runtime's manifest schema up
+    front, not after the whole export (where they were tracebacks, or bundles the runtime refused)."""
+    checkpoint = Path(shutil.copytree(tiny_checkpoints(family), tmp_path / "checkpoint"))
+    _edit_json(checkpoint / file, changes, section)
+    result = run("llava_rt.export.cli", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "b"))
+    assert result.returncode == 2
+    assert "[1/5] loading" not in result.stderr
+    assert_one_line_error(result, "llava-export", fragment)
+    assert not (tmp_path / "b").exists() and leftovers(tmp_path) == []
+
+
+def test_a_bundle_the_runtime_would_refuse_is_not_written(copy, tmp_path):
+    """An end-of-sequence id past the vocabulary passes the checks on the configs alone, not the runtime's check of the
+    whole manifest, which export runs before writing it."""
+    _edit_json(copy / "generation_config.json", {"eos_token_id": 4000})
+    result = run("llava_rt.export.cli", "--checkpoint", str(copy), "--out", str(tmp_path / "b"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    *stages, error = result.stderr.splitlines()
+    assert [line[:6] for line in stages if line.startswith("[")] == [f"[{k}/5] " for k in range(1, 6)], stages
+    assert error == (
+        "llava-export: error: the runtime would refuse this bundle: invalid manifest.json at $.tokens.eos_token_ids: "
+        "[4000] is not below the vocabulary size 400"
+    )
     assert not (tmp_path / "b").exists() and leftovers(tmp_path) == []
 
 
