@@ -17,7 +17,7 @@ from ..runtime.bundle import MANIFEST_NAME, read_array, sha256_file
 from ..runtime.console import progress
 from ..runtime.errors import BundleError, ExportError
 from ..runtime.kv_cache import new_names, past_names
-from ..runtime.manifest_schema import _REEXPORT, check_manifest
+from ..runtime.manifest_schema import REEXPORT_ADVICE, check_manifest
 from . import verify
 from .checkpoint import load_model, read_checkpoint
 from .compat import check_transformers
@@ -204,7 +204,7 @@ def _check_loadable(manifest: dict[str, Any]) -> None:
     try:
         check_manifest(manifest)
     except BundleError as exc:
-        problem = str(exc).removesuffix(f"; {_REEXPORT}")  # that advice is for a bundle already written
+        problem = str(exc).removesuffix(f"; {REEXPORT_ADVICE}")  # that advice is for a bundle already written
         raise ExportError(f"the runtime would refuse this bundle: {problem}") from None
 
 

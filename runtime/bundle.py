@@ -23,7 +23,7 @@ from .backends import Session, TensorSpec, open_session
 from .chat import ChatTemplate
 from .console import progress
 from .errors import BundleError, InputError
-from .manifest_schema import check_manifest
+from .manifest_schema import REEXPORT_ADVICE, check_manifest
 from .stamps import RACY_NS, read_stamps, stamp, write_stamps
 from .tokenizer import Tokenizer
 
@@ -31,7 +31,6 @@ FORMAT_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 VERIFY_MODES = ("auto", "full")
 MAX_MANIFEST_BYTES = 64 << 20  # real manifests are a few kB; this bounds what is read into memory
-_REEXPORT = "re-export the bundle with llava-export"
 # The arrays the runtime reads and their shapes, as keys of the manifest's `text` section.
 _ARRAY_DIMS = {"embed_tokens": ("vocab_size", "hidden_size"), "image_newline": ("hidden_size",)}
 
@@ -58,7 +57,7 @@ def _inside(root: Path, name: str) -> Path:
     except (OSError, RuntimeError):  # a symlink loop
         inside = False
     if not inside:
-        raise BundleError(f"bundle file {name!r} lies outside the bundle directory; {_REEXPORT}")
+        raise BundleError(f"bundle file {name!r} lies outside the bundle directory; {REEXPORT_ADVICE}")
     return path
 
 
@@ -72,7 +71,7 @@ def _regular_file(root: Path, name: str) -> os.stat_result:
     except OSError as exc:
         raise BundleError(f"cannot access bundle file {name}: {exc.strerror}") from None
     if not stat.S_ISREG(status.st_mode):
-        raise BundleError(f"bundle file {name} is not a regular file; {_REEXPORT}")
+        raise BundleError(f"bundle file {name} is not a regular file; {REEXPORT_ADVICE}")
     return status
 
 
@@ -87,10 +86,11 @@ def read_array(directory: Path, spec: str | dict[str, Any]) -> np.ndarray:
         end = spec["offset"] + int(np.prod(shape)) * dtype.itemsize
         size = (directory / name).stat().st_size
         if end > size:
-            raise BundleError(f"array region {spec['offset']}..{end} lies past the end of {name} ({size} bytes); {_REEXPORT}")
+            region = f"{spec['offset']}..{end}"
+            raise BundleError(f"array region {region} lies past the end of {name} ({size} bytes); {REEXPORT_ADVICE}")
         array = np.memmap(directory / name, dtype=dtype, mode="r", offset=spec["offset"], shape=shape)
     except (OSError, ValueError, TypeError) as exc:
-        raise BundleError(f"cannot read array file {name}: {' '.join(str(exc).split())}; {_REEXPORT}") from None
+        raise BundleError(f"cannot read array file {name}: {' '.join(str(exc).split())}; {REEXPORT_ADVICE}") from None
     return array.T if spec["transposed"] else array
 
 
@@ -121,7 +121,7 @@ class Bundle:
         """The path of a bundle file, refused unless the checksum table lists it and it is a regular file
         inside the bundle."""
         if name not in self.manifest["files"]:
-            raise BundleError(f"bundle file {name!r} is not in the manifest's checksum table; {_REEXPORT}")
+            raise BundleError(f"bundle file {name!r} is not in the manifest's checksum table; {REEXPORT_ADVICE}")
         _regular_file(self.path, name)
         return self.path / name
 
@@ -130,7 +130,7 @@ class Bundle:
         try:
             return self.file(name).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
-            raise BundleError(f"cannot read bundle file {name}: {' '.join(str(exc).split())}; {_REEXPORT}") from None
+            raise BundleError(f"cannot read bundle file {name}: {' '.join(str(exc).split())}; {REEXPORT_ADVICE}") from None
 
     def graph_bytes(self, graph: str) -> int:
         """Size of a graph with its external weights: about the bytes one run of it reads."""
@@ -142,7 +142,7 @@ class Bundle:
         for tensor in self.manifest["graphs"][graph]["inputs"]:
             if tensor["name"] == name:
                 return np.dtype(tensor["dtype"])
-        raise BundleError(f"the {graph} graph has no input {name!r}; {_REEXPORT}")
+        raise BundleError(f"the {graph} graph has no input {name!r}; {REEXPORT_ADVICE}")
 
     def array(self, key: str) -> np.ndarray:
         """A numpy array of the bundle (`embed_tokens`, `image_newline`), memory-mapped, checked to have the
@@ -155,7 +155,7 @@ class Bundle:
         if array.shape != shape or array.dtype != dtype:
             raise BundleError(
                 f"bundle array {key} is {array.dtype} of shape {list(array.shape)}, expected {dtype} of shape {list(shape)}; "
-                f"{_REEXPORT}"
+                f"{REEXPORT_ADVICE}"
             )
         return array
 
@@ -168,7 +168,7 @@ class Bundle:
         for kind in ("inputs", "outputs"):
             mismatch = _io_mismatch(entry[kind], getattr(session, kind))
             if mismatch:
-                raise BundleError(f"graph {entry['file']} does not match the manifest's {kind}: {mismatch}; {_REEXPORT}")
+                raise BundleError(f"graph {entry['file']} does not match the manifest's {kind}: {mismatch}; {REEXPORT_ADVICE}")
         return session
 
     def tokenizer(self) -> Tokenizer:
@@ -177,7 +177,7 @@ class Bundle:
         try:
             return Tokenizer(path)
         except Exception as exc:  # the tokenizers library raises plain Exceptions for bad files
-            raise BundleError(f"invalid tokenizer file {path.name}: {' '.join(str(exc).split())}; {_REEXPORT}") from None
+            raise BundleError(f"invalid tokenizer file {path.name}: {' '.join(str(exc).split())}; {REEXPORT_ADVICE}") from None
 
     def chat_template(self) -> ChatTemplate | None:
         """The bundle's chat template, compiled (`None` when the checkpoint had none)."""
@@ -187,7 +187,7 @@ class Bundle:
 
 def _read_manifest(root: Path) -> Any:
     if _regular_file(root, MANIFEST_NAME).st_size > MAX_MANIFEST_BYTES:
-        raise BundleError(f"{MANIFEST_NAME} is larger than {MAX_MANIFEST_BYTES >> 20} MiB; {_REEXPORT}")
+        raise BundleError(f"{MANIFEST_NAME} is larger than {MAX_MANIFEST_BYTES >> 20} MiB; {REEXPORT_ADVICE}")
     try:
         return json.loads((root / MANIFEST_NAME).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -197,7 +197,7 @@ def _read_manifest(root: Path) -> Any:
 def _check_version(manifest: dict[str, Any]) -> None:
     version = manifest.get("format_version")
     if not isinstance(version, int):
-        raise BundleError(f"{MANIFEST_NAME} has no integer format_version; {_REEXPORT}")
+        raise BundleError(f"{MANIFEST_NAME} has no integer format_version; {REEXPORT_ADVICE}")
     if version > FORMAT_VERSION:
         raise BundleError(
             f"bundle format version {version} is newer than this llava-rt supports ({FORMAT_VERSION}); "
@@ -212,7 +212,7 @@ def _verify_files(root: Path, files: dict[str, Any], verify: str) -> None:
     statuses = {name: _regular_file(root, name) for name in files}
     for name, status in statuses.items():
         if status.st_size != files[name]["bytes"]:
-            raise BundleError(f"bundle file {name} has the wrong size (modified or truncated); {_REEXPORT}")
+            raise BundleError(f"bundle file {name} has the wrong size (modified or truncated); {REEXPORT_ADVICE}")
     recorded = read_stamps(root) if verify == "auto" else {}
     current = {name: {"stamp": stamp(statuses[name]), "sha256": files[name]["sha256"]} for name in files}
     verified = {name: entry for name, entry in current.items() if recorded.get(name) == entry}
@@ -225,7 +225,7 @@ def _verify_files(root: Path, files: dict[str, Any], verify: str) -> None:
             except OSError as exc:
                 raise BundleError(f"cannot read bundle file {name}: {exc.strerror}") from None
             if digest != files[name]["sha256"]:
-                raise BundleError(f"checksum mismatch for bundle file {name} (the file was modified); {_REEXPORT}")
+                raise BundleError(f"checksum mismatch for bundle file {name} (the file was modified); {REEXPORT_ADVICE}")
             if statuses[name].st_ctime_ns < started - RACY_NS:
                 verified[name] = current[name]
     if verified != recorded:

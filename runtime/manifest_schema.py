@@ -195,11 +195,11 @@ MANIFEST_SCHEMA: dict[str, Any] = {
 }
 
 _VALIDATOR = jsonschema.Draft202012Validator(MANIFEST_SCHEMA)
-_REEXPORT = "re-export the bundle with llava-export"
+REEXPORT_ADVICE = "re-export the bundle with llava-export"
 
 
 def _invalid(where: str, problem: str) -> BundleError:
-    return BundleError(f"invalid manifest.json at {where}: {problem}; {_REEXPORT}")
+    return BundleError(f"invalid manifest.json at {where}: {problem}; {REEXPORT_ADVICE}")
 
 
 def referenced_files(manifest: dict[str, Any]) -> list[str]:
@@ -259,7 +259,7 @@ def _check_tensors(where: str, declared: list[dict[str, Any]], expected: dict[st
 def check_manifest(manifest: Any) -> None:
     """Raise `BundleError` (one line naming the JSON path) unless the manifest is one the runtime can use."""
     if not isinstance(manifest, dict):
-        raise BundleError(f"manifest.json is not a JSON object; {_REEXPORT}")
+        raise BundleError(f"manifest.json is not a JSON object; {REEXPORT_ADVICE}")
     error = jsonschema.exceptions.best_match(_VALIDATOR.iter_errors(manifest))
     if error is not None:
         problem = " ".join(error.message.split())
