@@ -222,16 +222,20 @@ WHERE_IMAGE = "processor_config.json: image_processor."
     ],
 )
 def test_an_unusable_config_value_fails_naming_its_file_and_key_before_the_model_loads(
-    tiny_checkpoints, tmp_path, family, file, section, changes, fragment
+    tiny_checkpoints, tmp_path, capsys, family, file, section, changes, fragment
 ):
     """Values the manifest takes from the configs are computed and checked against the runtime's manifest schema up
-    front, not after the whole export (where they were tracebacks, or bundles the runtime refused)."""
+    front, not after the whole export (where they were tracebacks, or bundles the runtime refused). The command runs
+    in this process (its one-line contract is the same as in a subprocess, tested above) to spare a torch import
+    per case."""
+    from llava_rt.export.cli import main
+
     checkpoint = Path(shutil.copytree(tiny_checkpoints(family), tmp_path / "checkpoint"))
     _edit_json(checkpoint / file, changes, section)
-    result = run("llava_rt.export.cli", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "b"))
-    assert result.returncode == 2
-    assert "[1/5] loading" not in result.stderr
-    assert_one_line_error(result, "llava-export", fragment)
+    code = main(["--checkpoint", str(checkpoint), "--out", str(tmp_path / "b")])
+    stderr = capsys.readouterr().err
+    assert code == 2 and "[1/5] loading" not in stderr
+    assert_one_line_error(subprocess.CompletedProcess([], code, "", stderr), "llava-export", fragment)
     assert not (tmp_path / "b").exists() and leftovers(tmp_path) == []
 
 
