@@ -72,8 +72,6 @@ def test_decode_steps_feed_the_cache_buffers_themselves(pipelines):
 class _EosFirstDecoder:
     """A decoder whose most likely next token is always EOS (id 0)."""
 
-    input_names, output_names = [], []
-
     def run(self, feeds):
         tokens = feeds["inputs_embeds"].shape[1]
         logits = np.tile(np.array([[5.0, 1.0, 2.0]], np.float32), (len(feeds["inputs_embeds"]), 1))
