@@ -12,7 +12,7 @@ from .feature_cache import FeatureCache
 from .image_processing import ImageInput
 from .kv_cache import KVCache
 from .pipeline import DecodingRun, GenerationResult, Pipeline
-from .request import Request
+from .request import Request, media_list
 from .video import VideoInput
 
 DEFAULT_FEATURE_CACHE_MB = 256
@@ -65,10 +65,8 @@ class ChatSession:
         """Validate and prepare a turn and start decoding its answer; the conversation is not changed yet."""
         if not isinstance(text, str):
             raise InputError(f"a chat turn's text must be a string, got {type(text).__name__}")
-        if any(isinstance(given, (str, bytes)) for given in (images, videos)):
-            raise InputError("images and videos must be lists")
-        content = [{"type": "image", "image": image} for image in images or ()]
-        content += [{"type": "video", "video": video} for video in videos or ()]
+        content = [{"type": "image", "image": image} for image in media_list("image", images)]
+        content += [{"type": "video", "video": video} for video in media_list("video", videos)]
         message = {"role": "user", "content": [*content, {"type": "text", "text": text}]}
         turn = Request.build([*self.messages, message], **request)
         options = self.pipeline.search_options(turn.search)

@@ -162,10 +162,9 @@ class Pipeline:
 
     def _embed(self, ids: np.ndarray) -> np.ndarray:
         """Token embeddings by row lookup in the memory-mapped table. Indexing (not `np.take`, which first makes
-        its input contiguous) reads only the rows asked for, also from a transposed view (tied embeddings)."""
-        return np.ascontiguousarray(self.embed_tokens[ids]).astype(
-            self.bundle.input_dtype("decoder", "inputs_embeds"), copy=False
-        )
+        its input contiguous) reads only the rows asked for, also from a transposed view (tied embeddings). The
+        table has the decoder's `inputs_embeds` dtype (`Bundle.array` checks it), so no conversion is needed."""
+        return np.ascontiguousarray(self.embed_tokens[ids])
 
     def media_features(self, requests: list[PreparedRequest], cache: FeatureCache | None = None) -> list[np.ndarray]:
         """Features of every image and video of every request, in order; with a `cache`, media seen before are
@@ -326,12 +325,12 @@ class DecodingRun:
         embeds, mask = pipeline._inputs_embeds(self.requests, features)
         kv_cache = pipeline.manifest["graphs"]["decoder"]["kv_cache"]
         kv_dtype = pipeline.bundle.input_dtype("decoder", "past_key_values.0.key")
-        self.reused, cache = reused, cache = self.reuse or (0, KVCache(kv_cache, len(self.requests), kv_dtype))
-        cache.truncate(reused)
+        self.reused, cache = self.reuse or (0, KVCache(kv_cache, len(self.requests), kv_dtype))
+        cache.truncate(self.reused)
         self.generator = generator = Generator(
             pipeline.sessions["decoder"],
             pipeline._embed,
-            embeds[:, reused:],
+            embeds[:, self.reused :],
             mask,
             cache,
             self.options,

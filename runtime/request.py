@@ -33,7 +33,8 @@ def check_positive_int(name: str, value: Any) -> int:
     return int(value)
 
 
-def _media_list(kind: str, given: Any) -> list[Any]:
+def media_list(kind: str, given: Any) -> list[Any]:
+    """`given` images (or videos) as a list; a single path or a non-sequence is an `InputError`."""
     if given is None:
         return []
     if isinstance(given, (str, bytes)) or not isinstance(given, Sequence):
@@ -81,7 +82,7 @@ class Request:
     def __post_init__(self) -> None:
         if (self.messages is None) == (self.prompt is None):
             raise InputError("give exactly one of messages= or prompt=")
-        images, videos = _media_list("image", self.images), _media_list("video", self.videos)
+        images, videos = media_list("image", self.images), media_list("video", self.videos)
         if self.messages is not None:
             messages = normalize_messages(self.messages)
             object.__setattr__(self, "messages", messages)
