@@ -33,7 +33,7 @@ class Session(Protocol):
 
 
 # onnxruntime's element type names -> numpy dtype names (the manifest's spelling).
-_ORT_DTYPES = {
+ORT_DTYPES = {
     "tensor(float)": "float32",
     "tensor(float16)": "float16",
     "tensor(double)": "float64",
@@ -60,7 +60,7 @@ def _run_errors() -> tuple[type[Exception], ...]:
 
 
 def _spec(value) -> TensorSpec:
-    return TensorSpec(value.name, _ORT_DTYPES.get(value.type, value.type), tuple(value.shape))
+    return TensorSpec(value.name, ORT_DTYPES.get(value.type, value.type), tuple(value.shape))
 
 
 class OnnxRuntimeSession:
