@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 import torch
 
-from ..runtime.bundle import MANIFEST_NAME, read_array, sha256_file
+from ..runtime.bundle import MANIFEST_NAME, read_array
 from ..runtime.console import progress
 from ..runtime.errors import BundleError, ExportError
 from ..runtime.kv_cache import new_names, past_names
@@ -22,14 +22,11 @@ from . import verify
 from .checkpoint import load_model, read_checkpoint
 from .compat import check_transformers
 from .graphs import DecoderWithCache, Projector, VideoPooler, VisionFeatures
-from .manifest import build_manifest, config_sections, describe_io, feature_layers
+from .manifest import build_manifest, config_sections, feature_layers, variant_entry
 from .onnx_export import export_onnx
-from .options import DTYPES, PRECISIONS
-from .quantize import measure_drift, quantize_decoder
+from .options import check_precisions
 from .staging import check_destination, staged_directory
-
-NUMPY_DTYPES = {"fp32": np.float32, "fp16": np.float16}
-TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+from .variants import add_variants, calibration_sources, file_table, variant_stages
 
 
 class _Stages:
@@ -76,39 +73,11 @@ def _tied_table(graph_path: Path, embed: np.ndarray) -> dict[str, Any]:
     raise ExportError("tied embeddings: the lm_head weight was not found in the decoder graph's external data")
 
 
-def _add_quantized_decoder(manifest: dict[str, Any], work: Path, precision: str, embed: np.ndarray, log) -> None:
-    """Quantize the decoder's weights, point the manifest at the copy, record drift and sizes against fp32."""
-    reference = work / "decoder.onnx"
-    quantized = quantize_decoder(reference, precision)
-    drift = measure_drift(reference, quantized, embed, manifest["graphs"]["decoder"]["kv_cache"])
-
-    def size(path: Path) -> int:
-        data = path.with_name(f"{path.name}.data")
-        return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
-
-    drift["decoder_bytes"] = {"fp32": size(reference), precision: size(quantized)}
-    log(
-        f"  {precision} decoder: last-token logit cosine vs fp32 {drift['mean_cosine']:.5f}, top-1 agreement "
-        f"{drift['top1_agreement']:.0%} over {drift['prompts']} prompts; {size(reference) / 2**20:.1f} MiB -> "
-        f"{size(quantized) / 2**20:.1f} MiB"
-    )
-    decoder = manifest["graphs"]["decoder"]
-    manifest["graphs"]["decoder"] = {
-        **decoder,
-        "file": quantized.name,
-        "external_data": f"{quantized.name}.data",
-        "reference": {"file": reference.name, "external_data": decoder.get("external_data")},
-    }
-    manifest["precision"] = precision
-    manifest["verification"]["quantization"] = drift
-
-
 def _export_graphs(
-    model, work: Path, dtype: str, tolerance: float, stages: _Stages, log: Callable[[str], None]
+    model, work: Path, tolerance: float, stages: _Stages, log: Callable[[str], None]
 ) -> tuple[dict[str, Any], dict[str, float]]:
-    """Export vision, projector and decoder graphs into `work` (two stages), verifying each; returns manifest
-    entries and diffs."""
-    torch_dtype = TORCH_DTYPES[dtype]
+    """Export the fp32 vision, projector and decoder graphs into `work` (two stages), verifying each; returns their
+    manifest entries and diffs."""
     config = model.config
     vision_config, text_config = config.vision_config, config.text_config
     generator = torch.Generator().manual_seed(0)
@@ -116,9 +85,7 @@ def _export_graphs(
     diffs: dict[str, float] = {}
 
     def record(name: str, diff: float) -> None:
-        graphs[name] = {"file": f"{name}.onnx", **describe_io(work / f"{name}.onnx")}
-        if (work / f"{name}.onnx.data").is_file():
-            graphs[name]["external_data"] = f"{name}.onnx.data"
+        graphs[name] = {"variants": {"fp32": variant_entry(work / f"{name}.onnx", "fp32")}}
         diffs[name] = diff
         log(f"  {name}: max abs diff vs PyTorch {diff:.2e} (limit {tolerance:.0e})")
         if not diff <= tolerance:
@@ -127,7 +94,7 @@ def _export_graphs(
     stages.next()
     vision = VisionFeatures(model.model.vision_tower, feature_layers(config), config.vision_feature_select_strategy)
     size = vision_config.image_size
-    pixel_values = torch.randn(2, 3, size, size, generator=generator).to(torch_dtype)
+    pixel_values = torch.randn(2, 3, size, size, generator=generator)
     export_onnx(
         vision,
         (pixel_values,),
@@ -171,11 +138,11 @@ def _export_graphs(
     kv_heads = text_config.num_key_value_heads
     kv_cache = {"num_layers": num_layers, "num_kv_heads": kv_heads, "head_dim": head_dim}
     batch, seq, past_len = 2, 3, 5  # distinct sizes > 1, so no axis gets specialised during tracing
-    embeds = torch.randn(batch, seq, text_config.hidden_size, generator=generator).to(torch_dtype)
+    embeds = torch.randn(batch, seq, text_config.hidden_size, generator=generator)
     mask = torch.ones(batch, past_len + seq, dtype=torch.int64)
     positions = torch.arange(past_len, past_len + seq).expand(batch, seq).contiguous()
     past = tuple(
-        torch.randn(batch, kv_heads, past_len, head_dim, generator=generator).to(torch_dtype) for _ in range(2 * num_layers)
+        torch.randn(batch, kv_heads, past_len, head_dim, generator=generator) for _ in range(2 * num_layers)
     )
     axes = {
         "inputs_embeds": {0: "batch", 1: "sequence"},
@@ -194,7 +161,7 @@ def _export_graphs(
         axes,
         external_data=ties_embeddings(model),
     )
-    record("decoder", verify.verify_decoder(work / "decoder.onnx", model, kv_cache, torch_dtype))
+    record("decoder", verify.verify_decoder(work / "decoder.onnx", model, kv_cache, torch.float32))
     graphs["decoder"]["kv_cache"] = kv_cache
     return graphs, diffs
 
@@ -211,65 +178,63 @@ def _check_loadable(manifest: dict[str, Any]) -> None:
 def export_bundle(
     checkpoint_dir: str | Path,
     out_dir: str | Path,
-    dtype: str = "fp32",
+    precisions: Sequence[str] = (),
+    calibration_images: str | Path | None = None,
     force: bool = False,
     tolerance: float | None = None,
-    precision: str | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Export a checkpoint into a bundle at `out_dir`; returns the manifest. Nothing is left behind on failure.
 
-    The checkpoint (with every manifest value its configs give) and `out_dir` are checked before any heavy work;
-    `force` replaces an existing bundle or an empty directory, nothing else. Each graph must match PyTorch within
-    `tolerance` (max abs difference; default per dtype, see `verify.TOLERANCE`). `precision` ("int8" or "int4") adds
-    a weight-only quantized decoder, which the runtime then uses; the fp32 decoder stays as the reference and the
-    drift is recorded. The manifest is checked as the runtime checks it before it is written.
+    The checkpoint (with every manifest value its configs give), the options and `out_dir` are checked before any
+    heavy work; `force` replaces an existing bundle or an empty directory, nothing else. The fp32 graphs must match
+    PyTorch within `tolerance` (max abs difference, default `verify.TOLERANCE`); they stay in the bundle as the
+    reference of every precision variant `precisions` adds (fp16, int8, int4; see `variants`), whose drift is
+    measured and recorded. int8 calibrates on the images in `calibration_images` (default: a built-in set). The
+    manifest is checked as the runtime checks it before it is written.
     """
-    if dtype not in DTYPES:
-        raise ExportError(f"unsupported dtype {dtype!r} (choose from {', '.join(DTYPES)})")
-    if precision is not None and (precision not in PRECISIONS or dtype != "fp32"):
-        raise ExportError(f"--precision takes {' or '.join(PRECISIONS)} and quantizes an fp32 export, got {precision!r}")
+    precisions = check_precisions(precisions)
+    if calibration_images is not None and "int8" not in precisions:
+        raise ExportError("--calibration-images is used by --precision int8 only")
     check_transformers()
-    tolerance = verify.TOLERANCE[dtype] if tolerance is None else tolerance
+    tolerance = verify.TOLERANCE["fp32"] if tolerance is None else tolerance
     out_dir = Path(out_dir)
     checkpoint = read_checkpoint(checkpoint_dir)
     sections = config_sections(checkpoint)
     check_destination(out_dir, force, keep=checkpoint.path)
+    calibration = calibration_sources(calibration_images) if "int8" in precisions else None
     started = time.perf_counter()
     names = [
-        f"loading {checkpoint.model_class} from {checkpoint.path} ({dtype})",
+        f"loading {checkpoint.model_class} from {checkpoint.path}",
         "exporting the vision graphs",
         "exporting the decoder graph (KV cache)",
         "writing embeddings, tokenizer and chat template",
-        *([f"quantizing the decoder weights to {precision} (block-wise MatMulNBits)"] if precision else []),
+        *variant_stages(precisions),
         "writing checksums and manifest",
     ]
     stages = _Stages(names, log)
     try:
         with staged_directory(out_dir) as work:
             stages.next()
-            model = load_model(checkpoint, TORCH_DTYPES[dtype])
-            graphs, diffs = _export_graphs(model, work, dtype, tolerance, stages, log)
+            model = load_model(checkpoint, torch.float32)
+            graphs, diffs = _export_graphs(model, work, tolerance, stages, log)
             stages.next()
-            embed = model.get_input_embeddings().weight.detach().float().numpy().astype(NUMPY_DTYPES[dtype])
+            embed = model.get_input_embeddings().weight.detach().float().numpy()
             arrays = {"image_newline": "image_newline.npy", "embed_tokens": "embed_tokens.npy"}
             if ties_embeddings(model):
                 arrays["embed_tokens"] = _tied_table(work / "decoder.onnx", embed)
             else:
                 np.save(work / "embed_tokens.npy", embed)
-            newline = model.model.image_newline.detach().float().numpy().astype(NUMPY_DTYPES[dtype])
-            np.save(work / "image_newline.npy", newline)
+            np.save(work / "image_newline.npy", model.model.image_newline.detach().float().numpy())
             shutil.copyfile(checkpoint.tokenizer_file, work / "tokenizer.json")
             if checkpoint.chat_template is not None:
                 (work / "chat_template.jinja").write_text(checkpoint.chat_template, encoding="utf-8")
-            manifest = build_manifest(checkpoint, sections, model, dtype, graphs, arrays, diffs, tolerance)
-            if precision is not None:
-                stages.next()
-                _add_quantized_decoder(manifest, work, precision, embed, log)
+            manifest = build_manifest(checkpoint, sections, model, graphs, arrays, diffs, tolerance)
+            if precisions:
+                add_variants(model, work, manifest, precisions, calibration, stages.next, log)
+            del model
             stages.next()
-            manifest["files"] = {
-                p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in sorted(work.iterdir()) if p.is_file()
-            }
+            manifest["files"] = file_table(work)
             _check_loadable(manifest)
             (work / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
     finally:

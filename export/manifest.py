@@ -327,11 +327,20 @@ def describe_io(path: Path) -> dict[str, list[dict[str, Any]]]:
     return {"inputs": describe(model.graph.input), "outputs": describe(model.graph.output)}
 
 
+def variant_entry(path: Path, key: str) -> dict[str, Any]:
+    """The manifest entry of a graph variant written at `path` (`key`: `fp32`, `fp16`, `int8.ort`, ...): precision,
+    form, files, and the inputs and outputs the graph declares."""
+    precision, _, ort = key.partition(".")
+    entry = {"precision": precision, "form": "onnxruntime" if ort else "standard", "file": path.name, **describe_io(path)}
+    if path.with_name(f"{path.name}.data").is_file():
+        entry["external_data"] = f"{path.name}.data"
+    return entry
+
+
 def build_manifest(
     checkpoint: Checkpoint,
     sections: dict[str, Any],
     model,
-    dtype: str,
     graphs: dict[str, Any],
     arrays: dict[str, Any],
     diffs: dict[str, float],
@@ -348,7 +357,6 @@ def build_manifest(
         "family": config.model_type,
         "model_type": config.model_type,
         "architecture": type(model).__name__,
-        "precision": dtype,
         "producer": {
             "llava_rt": __version__,
             "torch": torch.__version__,

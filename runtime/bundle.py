@@ -27,7 +27,7 @@ from .manifest_schema import REEXPORT_ADVICE, check_manifest
 from .stamps import RACY_NS, read_stamps, stamp, write_stamps
 from .tokenizer import Tokenizer
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 MANIFEST_NAME = "manifest.json"
 VERIFY_MODES = ("auto", "full")
 MAX_MANIFEST_BYTES = 64 << 20  # real manifests are a few kB; this bounds what is read into memory
@@ -132,21 +132,29 @@ class Bundle:
         except (OSError, UnicodeDecodeError) as exc:
             raise BundleError(f"cannot read bundle file {name}: {' '.join(str(exc).split())}; {REEXPORT_ADVICE}") from None
 
-    def graph_bytes(self, graph: str) -> int:
-        """Size of a graph with its external weights: about the bytes one run of it reads."""
-        entry = self.manifest["graphs"][graph]
+    def variant(self, graph: str, key: str = "fp32") -> dict[str, Any]:
+        """The manifest entry of one precision variant of a graph (`fp32`, `fp16`, `int8.ort`, ...)."""
+        variants = self.manifest["graphs"][graph]["variants"]
+        if key not in variants:
+            raise BundleError(f"the {graph} graph has no {key} variant (it has {', '.join(variants)})")
+        return variants[key]
+
+    def graph_bytes(self, graph: str, variant: str = "fp32") -> int:
+        """Size of a graph variant with its external weights: about the bytes one run of it reads."""
+        entry = self.variant(graph, variant)
         return sum(self.file(entry[key]).stat().st_size for key in ("file", "external_data") if entry.get(key))
 
-    def input_dtype(self, graph: str, name: str) -> np.dtype:
-        """The dtype a graph's input takes, as the manifest records it (and `session` checked against the graph)."""
-        for tensor in self.manifest["graphs"][graph]["inputs"]:
+    def input_dtype(self, graph: str, name: str, variant: str = "fp32") -> np.dtype:
+        """The dtype a graph variant's input takes, as the manifest records it (and `session` checked against the
+        graph)."""
+        for tensor in self.variant(graph, variant)["inputs"]:
             if tensor["name"] == name:
                 return np.dtype(tensor["dtype"])
         raise BundleError(f"the {graph} graph has no input {name!r}; {REEXPORT_ADVICE}")
 
     def array(self, key: str) -> np.ndarray:
         """A numpy array of the bundle (`embed_tokens`, `image_newline`), memory-mapped, checked to have the
-        shape the manifest's text dimensions give and the dtype of the decoder's `inputs_embeds`."""
+        shape the manifest's text dimensions give and the dtype of the fp32 reference decoder's `inputs_embeds`."""
         spec = self.manifest["arrays"][key]
         self.file(spec if isinstance(spec, str) else spec["file"])
         array = read_array(self.path, spec)
@@ -159,9 +167,10 @@ class Bundle:
             )
         return array
 
-    def session(self, graph: str, backend: str = "onnxruntime", threads: int | None = None) -> Session:
-        """A graph loaded by `backend`, refused unless its inputs and outputs are the ones the manifest declares."""
-        entry = self.manifest["graphs"][graph]
+    def session(self, graph: str, variant: str = "fp32", backend: str = "onnxruntime", threads: int | None = None) -> Session:
+        """A graph variant loaded by `backend`, refused unless its inputs and outputs are the ones the manifest
+        declares."""
+        entry = self.variant(graph, variant)
         if entry.get("external_data"):
             self.file(entry["external_data"])  # onnxruntime opens it itself
         session = open_session(self.file(entry["file"]), backend, threads=threads)

@@ -7,9 +7,10 @@ import json
 import sys
 import warnings
 
-from .console import add_standard_options, one_line, run_command
+from .console import add_standard_options, one_line, run_command, say
 from .errors import LlavaRtError
 from .image_processing import MAX_IMAGE_PIXELS
+from .manifest_schema import PRECISIONS
 from .request import DEFAULT_MAX_NEW_TOKENS, DEFAULT_NUM_FRAMES
 
 INTERACTIVE_HELP = """commands:
@@ -67,6 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop before this text; repeatable")
     parser.add_argument("--stream", action="store_true", help="print the answer as it is generated (with --json: JSON lines)")
     parser.add_argument("--interactive", action="store_true", help="chat at the terminal, reusing the KV cache across turns")
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default=None,
+        help="graph variants to run (default: the best the bundle has for the backend; said on stderr)",
+    )
     parser.add_argument(
         "--threads",
         type=int,
@@ -200,7 +207,10 @@ def _main(args) -> int:
 
     # Pillow warns about large images as it opens them; the size limit above refuses them on its own line.
     warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-    pipeline = Pipeline.load(args.bundle, threads=args.threads, verify=args.verify, max_image_pixels=args.max_image_pixels)
+    pipeline = Pipeline.load(
+        args.bundle, threads=args.threads, verify=args.verify, max_image_pixels=args.max_image_pixels, precision=args.precision
+    )
+    say(f"llava-run: {pipeline.selection.describe()}")
     pipeline.show_progress = True
     pipeline.search_options(probe.search)
     return _interactive(pipeline, args) if args.interactive else _answer(pipeline, args)

@@ -54,10 +54,34 @@ _TENSORS = {
         },
     },
 }
+PRECISIONS = ("fp32", "fp16", "int8", "int4")
+# A graph's precision variants, keyed by the middle of their file name: `fp16` is `<graph>.fp16.onnx` (standard
+# operators, the form TensorRT builds), `int8.ort` is `<graph>.int8.ort.onnx` (an onnxruntime-only form).
+VARIANT_KEY = r"^(fp32|fp16|int8|int4)(\.ort)?$"
+_VARIANT = {
+    "type": "object",
+    "required": ["precision", "form", "file", "inputs", "outputs"],
+    "properties": {
+        "precision": {"enum": list(PRECISIONS)},
+        "form": {"enum": ["standard", "onnxruntime"]},
+        "file": _PATH,
+        "external_data": _PATH,
+        "inputs": _TENSORS,
+        "outputs": _TENSORS,
+        "drift": {"type": "object"},
+    },
+}
 _GRAPH = {
     "type": "object",
-    "required": ["file", "inputs", "outputs"],
-    "properties": {"file": _PATH, "external_data": _PATH, "inputs": _TENSORS, "outputs": _TENSORS},
+    "required": ["variants"],
+    "properties": {
+        "variants": {
+            "type": "object",
+            "required": ["fp32"],
+            "propertyNames": {"pattern": VARIANT_KEY},
+            "additionalProperties": _VARIANT,
+        },
+    },
 }
 _ARRAY = {  # an .npy file name, or a raw region of a file (tied embeddings inside the decoder's weights)
     "type": ["string", "object"],
@@ -202,9 +226,20 @@ def _invalid(where: str, problem: str) -> BundleError:
     return BundleError(f"invalid manifest.json at {where}: {problem}; {REEXPORT_ADVICE}")
 
 
+def variant_key(precision: str, form: str) -> str:
+    """The key (and file name middle) of a graph variant: `int8` for the standard form, `int8.ort` for onnxruntime's."""
+    return precision + (".ort" if form == "onnxruntime" else "")
+
+
+def graph_variants(manifest: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
+    """Every variant of every graph: `(graph, variant key, entry)`."""
+    return [(graph, key, entry) for graph, spec in manifest["graphs"].items() for key, entry in spec["variants"].items()]
+
+
 def referenced_files(manifest: dict[str, Any]) -> list[str]:
-    """Every bundle file the runtime opens: graphs and their external data, arrays' files, tokenizer, chat template."""
-    graphs = [entry[key] for entry in manifest["graphs"].values() for key in ("file", "external_data") if key in entry]
+    """Every bundle file the runtime opens: graph variants and their external data, arrays' files, tokenizer, chat
+    template."""
+    graphs = [entry[key] for _, _, entry in graph_variants(manifest) for key in ("file", "external_data") if key in entry]
     arrays = [spec if isinstance(spec, str) else spec["file"] for spec in manifest["arrays"].values()]
     template = [manifest["chat_template"]] if manifest.get("chat_template") else []
     return [*graphs, *arrays, manifest["tokenizer"], *template]
@@ -256,6 +291,14 @@ def _check_tensors(where: str, declared: list[dict[str, Any]], expected: dict[st
             raise _invalid(where, f"{name} has shape {shape}, expected [{', '.join(map(str, wanted))}]")
 
 
+def _check_kv_dtypes(where: str, entry: dict[str, Any], kv: dict[str, int]) -> None:
+    """The runtime writes each step's new keys and values into the buffers it feeds back as the past: one dtype."""
+    dtypes = {tensor["name"]: tensor["dtype"] for tensor in [*entry["inputs"], *entry["outputs"]]}
+    kinds = {dtypes[name] for name in [*past_names(kv), *new_names(kv)] if name in dtypes}
+    if len(kinds) > 1:
+        raise _invalid(where, f"the KV cache inputs and outputs mix {' and '.join(sorted(kinds))}")
+
+
 def check_manifest(manifest: Any) -> None:
     """Raise `BundleError` (one line naming the JSON path) unless the manifest is one the runtime can use."""
     if not isinstance(manifest, dict):
@@ -264,11 +307,17 @@ def check_manifest(manifest: Any) -> None:
     if error is not None:
         problem = " ".join(error.message.split())
         raise _invalid(error.json_path, problem if len(problem) <= 200 else problem[:200] + "...")
-    for name, (inputs, outputs) in _graph_contract(manifest).items():
-        if name in manifest["graphs"]:
-            entry = manifest["graphs"][name]
-            _check_tensors(f"$.graphs.{name}.inputs", entry["inputs"], inputs, exact=True)
-            _check_tensors(f"$.graphs.{name}.outputs", entry["outputs"], outputs, exact=False)
+    contract = _graph_contract(manifest)
+    for graph, key, entry in graph_variants(manifest):
+        where = f"$.graphs.{graph}.variants.{key}"
+        expected_key = variant_key(entry["precision"], entry["form"])
+        if key != expected_key:
+            raise _invalid(where, f"a {entry['form']} {entry['precision']} variant must be keyed {expected_key!r}")
+        inputs, outputs = contract[graph]
+        _check_tensors(f"{where}.inputs", entry["inputs"], inputs, exact=True)
+        _check_tensors(f"{where}.outputs", entry["outputs"], outputs, exact=False)
+        if graph == "decoder":
+            _check_kv_dtypes(where, entry, manifest["graphs"]["decoder"]["kv_cache"])
     video = manifest.get("video")
     if video and video["pooling"]["mode"] == "graph" and "video_pool" not in manifest["graphs"]:
         raise _invalid("$.graphs", "no video_pool graph, which $.video.pooling names")

@@ -22,6 +22,7 @@ from .feature_cache import FeatureCache
 from .image_processing import MAX_IMAGE_PIXELS, ImageInput
 from .kv_cache import KVCache
 from .media import Media, MediaProcessor
+from .precision import check_precision, select_variants
 from .request import Request
 from .sampling import SearchOptions
 from .video import VideoInput
@@ -67,16 +68,27 @@ class Pipeline:
     show_progress = False  # a progress bar over vision batches on a terminal (the CLI sets it)
 
     def __init__(
-        self, bundle: Bundle, backend: str = "onnxruntime", threads: int | None = None, max_image_pixels: int = MAX_IMAGE_PIXELS
+        self,
+        bundle: Bundle,
+        backend: str = "onnxruntime",
+        threads: int | None = None,
+        max_image_pixels: int = MAX_IMAGE_PIXELS,
+        precision: str | None = None,
     ):
         manifest = bundle.manifest
         self.bundle = bundle
         self.manifest = manifest
-        self.sessions = {name: bundle.session(name, backend, threads=threads) for name in manifest["graphs"]}
+        self.selection = select_variants(manifest, precision, backend)
+        logger.info("%s", self.selection.describe())
+        self.sessions = {
+            name: bundle.session(name, variant, backend, threads=threads) for name, variant in self.selection.variants.items()
+        }
         self.tokenizer = bundle.tokenizer()
         self.chat_template = bundle.chat_template()
         self.embed_tokens = bundle.array("embed_tokens")
-        self.media = MediaProcessor(manifest, np.asarray(bundle.array("image_newline")), max_image_pixels)
+        self.embeds_dtype = self.input_dtype("decoder", "inputs_embeds")
+        newline = np.asarray(bundle.array("image_newline"), self.embeds_dtype)
+        self.media = MediaProcessor(manifest, newline, max_image_pixels)
         self.tokens = manifest["tokens"]
         self._placeholder_kinds = {
             self.tokens[f"{kind}_token"]: kind for kind in ("image", "video") if self.tokens.get(f"{kind}_token")
@@ -92,13 +104,27 @@ class Pipeline:
         threads: int | None = None,
         verify: str = "auto",
         max_image_pixels: int = MAX_IMAGE_PIXELS,
+        precision: str | None = None,
     ) -> "Pipeline":
         """Load a bundle directory. `verify`: "auto" re-hashes only the files changed since this user last verified
         them, "full" re-hashes every file (see `load_bundle`). `threads`: intra-op threads per graph (default: one
         per physical core; at most the CPU count). `max_image_pixels`: the most pixels an image or a video frame
-        may have (checked before decoding it)."""
+        may have (checked before decoding it). `precision` (fp32, fp16, int8, int4): the graph variants to run;
+        default: the best the bundle has for the backend (`pipeline.selection` says which, also logged at INFO)."""
         check_threads(threads)  # before the bundle is hashed
-        return cls(load_bundle(path, verify=verify), backend=backend, threads=threads, max_image_pixels=max_image_pixels)
+        check_precision(precision)
+        bundle = load_bundle(path, verify=verify)
+        return cls(bundle, backend=backend, threads=threads, max_image_pixels=max_image_pixels, precision=precision)
+
+    def input_dtype(self, graph: str, name: str) -> np.dtype:
+        """The dtype the running variant of `graph` takes for its input `name`, as the manifest records it."""
+        return self.bundle.input_dtype(graph, name, self.selection.variants[graph])
+
+    def _run_graph(self, graph: str, name: str, values: np.ndarray) -> np.ndarray:
+        """The one output of a one-input graph, its input cast to the dtype the running variant takes."""
+        session = self.sessions[graph]
+        (output,) = session.run({name: values.astype(self.input_dtype(graph, name), copy=False)}).values()
+        return output
 
     # ---- request preparation -------------------------------------------------------------------------
 
@@ -162,9 +188,9 @@ class Pipeline:
 
     def _embed(self, ids: np.ndarray) -> np.ndarray:
         """Token embeddings by row lookup in the memory-mapped table. Indexing (not `np.take`, which first makes
-        its input contiguous) reads only the rows asked for, also from a transposed view (tied embeddings). The
-        table has the decoder's `inputs_embeds` dtype (`Bundle.array` checks it), so no conversion is needed."""
-        return np.ascontiguousarray(self.embed_tokens[ids])
+        its input contiguous) reads only the rows asked for, also from a transposed view (tied embeddings), then
+        casts them to the running decoder's `inputs_embeds` dtype (the table is the fp32 reference's)."""
+        return np.ascontiguousarray(self.embed_tokens[ids], dtype=self.embeds_dtype)
 
     def media_features(self, requests: list[PreparedRequest], cache: FeatureCache | None = None) -> list[np.ndarray]:
         """Features of every image and video of every request, in order; with a `cache`, media seen before are
@@ -185,19 +211,19 @@ class Pipeline:
         graph; the projector runs once per distinct token count (tiles, pooled frames)."""
         if not media:
             return []
-        pixels = np.concatenate([m.pixels for m in media]).astype(self.bundle.input_dtype("vision", "pixel_values"))
+        pixels = np.concatenate([m.pixels for m in media])
         batches = progress(range(0, len(pixels), VISION_BATCH), desc="vision", unit="batch", enabled=self.show_progress)
-        vision = self.sessions["vision"]
-        selected = np.concatenate([vision.run({"pixel_values": pixels[i : i + VISION_BATCH]})["image_features"] for i in batches])
+        selected = np.concatenate([self._run_graph("vision", "pixel_values", pixels[i : i + VISION_BATCH]) for i in batches])
         bounds = np.cumsum([0] + [len(m.pixels) for m in media])
         parts = [selected[start:stop] for start, stop in zip(bounds[:-1], bounds[1:])]
         for index, item in enumerate(media):
             if item.kind == "video" and self.media.pools_before_projector:
-                parts[index] = self.sessions["video_pool"].run({"image_features": parts[index]})["pooled_features"]
+                parts[index] = self._run_graph("video_pool", "image_features", parts[index])
         projected: list[np.ndarray | None] = [None] * len(parts)
         for tokens in {part.shape[1] for part in parts}:
             group = [i for i, part in enumerate(parts) if part.shape[1] == tokens]
-            embeds = self.sessions["projector"].run({"image_features": np.concatenate([parts[i] for i in group])})["image_embeds"]
+            embeds = self._run_graph("projector", "image_features", np.concatenate([parts[i] for i in group]))
+            embeds = embeds.astype(self.embeds_dtype, copy=False)
             starts = np.cumsum([0] + [len(parts[i]) for i in group])
             for i, start, stop in zip(group, starts[:-1], starts[1:]):
                 projected[i] = embeds[start:stop]
@@ -207,7 +233,7 @@ class Pipeline:
         """Left-padded `[B, S, H]` embeddings with image and video features over their tokens, and the mask."""
         length = max(len(r.input_ids) for r in requests)
         hidden = self.embed_tokens.shape[1]
-        embeds = np.zeros((len(requests), length, hidden), dtype=self.bundle.input_dtype("decoder", "inputs_embeds"))
+        embeds = np.zeros((len(requests), length, hidden), dtype=self.embeds_dtype)
         mask = np.zeros((len(requests), length), dtype=np.int64)
         feature_iter = iter(features)
         for row, request in enumerate(requests):
@@ -324,7 +350,7 @@ class DecodingRun:
         self.vision_s = time.perf_counter() - started
         embeds, mask = pipeline._inputs_embeds(self.requests, features)
         kv_cache = pipeline.manifest["graphs"]["decoder"]["kv_cache"]
-        kv_dtype = pipeline.bundle.input_dtype("decoder", "past_key_values.0.key")
+        kv_dtype = pipeline.input_dtype("decoder", "past_key_values.0.key")
         self.reused, cache = self.reuse or (0, KVCache(kv_cache, len(self.requests), kv_dtype))
         cache.truncate(self.reused)
         self.generator = generator = Generator(
