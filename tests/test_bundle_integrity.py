@@ -205,9 +205,20 @@ def _set(path: str, value):
         (_set("tokens.eos_token_ids", [100000]), "at $.tokens.eos_token_ids: [100000] is not below the vocabulary size"),
         (_set("tokens.special_tokens", {"messages": "x"}), "at $.tokens.special_tokens"),
         (_set("text.max_position_embeddings", "4096"), "at $.text.max_position_embeddings: '4096' is not of type 'integer'"),
-        (_set("graphs.decoder.kv_cache.num_kv_heads", 3), "at $.graphs.decoder.inputs: past_key_values.0.key has shape"),
-        (_set("graphs.decoder.kv_cache.num_layers", 3), "at $.graphs.decoder.inputs: no 'past_key_values.2.key'"),
-        (_set("graphs.extra", {"file": "vision.onnx", "inputs": [], "outputs": []}), "at $.graphs"),
+        (
+            _set("graphs.decoder.kv_cache.num_kv_heads", 3),
+            "at $.graphs.decoder.variants.fp32.inputs: past_key_values.0.key has shape",
+        ),
+        (_set("graphs.decoder.kv_cache.num_layers", 3), "at $.graphs.decoder.variants.fp32.inputs: no 'past_key_values.2.key'"),
+        (_set("graphs.extra", {"variants": {}}), "at $.graphs"),
+        (_set("graphs.vision.variants.fp32.precision", "fp16"), "a standard fp16 variant must be keyed 'fp16'"),
+        (_set("graphs.vision.variants.int2", {}), "at $.graphs.vision.variants"),
+        (_set("graphs.vision.variants.fp32.form", "onnxruntime"), "variant must be keyed 'fp32.ort'"),
+        (_set("graphs.projector.variants", {}), "at $.graphs.projector.variants: 'fp32' is a required property"),
+        (
+            _set("graphs.decoder.variants.fp32.outputs.1.dtype", "float16"),
+            "at $.graphs.decoder.variants.fp32: the KV cache inputs and outputs mix float16 and float32",
+        ),
         (_set("preprocess.image_std", [0.5, 0, 0.5]), "at $.preprocess.image_std[1]"),
         (_set("arrays.embed_tokens", "vision.onnx.npy"), "'vision.onnx.npy' is used by the bundle but not in its checksum table"),
         (
@@ -244,7 +255,7 @@ def test_file_missing_from_the_checksum_table_is_refused(bundle):
     refused(bundle, "'chat_template.jinja' is used by the bundle but not in its checksum table")
 
 
-@pytest.mark.parametrize("key", ["chat_template", "tokenizer", "graphs.vision.file", "arrays.image_newline"])
+@pytest.mark.parametrize("key", ["chat_template", "tokenizer", "graphs.vision.variants.fp32.file", "arrays.image_newline"])
 @pytest.mark.parametrize("form", ["relative", "absolute"])
 def test_paths_outside_the_bundle_are_refused(bundle, key, form):
     """`../secret.txt` or an absolute path, listed in the table with its true checksum, is still refused."""
@@ -315,7 +326,7 @@ def test_swapped_in_graph_is_refused(bundle):
 
 
 def test_graph_dtype_unlike_its_manifest_entry_is_refused(bundle):
-    rewrite(bundle, _set("graphs.vision.inputs.0.dtype", "float16"))
+    rewrite(bundle, _set("graphs.vision.variants.fp32.inputs.0.dtype", "float16"))
     refused(bundle, "pixel_values is float32 in the graph, float16 in the manifest", load=Pipeline.load)
 
 

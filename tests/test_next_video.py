@@ -84,7 +84,7 @@ def test_bundle_has_the_pooling_graph(next_video):
 
     for mode, variant in next_video.items():
         manifest = variant.pipeline().manifest
-        assert manifest["graphs"]["video_pool"]["file"] == "video_pool.onnx"
+        assert manifest["graphs"]["video_pool"]["variants"]["fp32"]["file"] == "video_pool.onnx"
         model = onnx.load(variant.bundle / "video_pool.onnx")
         ops = {node.op_type for node in model.graph.node}
         assert {"average": "AveragePool", "max": "MaxPool", "conv": "Conv"}[mode] in ops
