@@ -26,7 +26,7 @@ from .manifest import build_manifest, config_sections, feature_layers, variant_e
 from .onnx_export import export_onnx
 from .options import check_precisions
 from .staging import check_destination, staged_directory
-from .variants import add_variants, calibration_sources, file_table, variant_stages
+from .variants import add_variants, calibration_sources, check_tensorrt, file_table, variant_stages
 
 
 class _Stages:
@@ -233,6 +233,8 @@ def export_bundle(
             if precisions:
                 add_variants(model, work, manifest, precisions, calibration, stages.next, log)
             del model
+            stages.next()
+            check_tensorrt(work, manifest, log)
             stages.next()
             manifest["files"] = file_table(work)
             _check_loadable(manifest)

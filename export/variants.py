@@ -39,6 +39,7 @@ def variant_stages(precisions: Sequence[str]) -> list[str]:
         stages.append(f"quantizing the decoder to {' and '.join(weight_only)}")
     if precisions:
         stages.append("measuring each variant's drift from fp32")
+    stages.append("checking the standard-form graphs against TensorRT's ONNX parser")
     return stages
 
 
@@ -193,12 +194,13 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 def check_tensorrt(work: Path, manifest: dict[str, Any], log: Callable[[str], None]) -> None:
     """Run the static TensorRT parser check on every standard-form graph, for each TensorRT version it knows; record
     the findings (onnxruntime-only forms are not meant for TensorRT and are not checked)."""
-    from ..engines.tensorrt_check import TRT_VERSIONS, check_graph
+    from ..engines.tensorrt_check import check_graphs
+    from ..engines.tensorrt_support import TRT_VERSIONS
 
     standard = [entry["file"] for _, _, entry in graph_variants(manifest) if entry["form"] == "standard"]
     results = {}
     for version in TRT_VERSIONS:
-        findings = [str(finding) for name in standard for finding in check_graph(work / name, version)]
+        findings = [str(finding) for finding in check_graphs([work / name for name in standard], version)]
         results[version] = {"passed": not findings, "graphs": len(standard), "findings": findings}
         verdict = f"{len(findings)} finding(s)" if findings else "pass"
         log(f"  TensorRT {version} ONNX parser, {len(standard)} standard graphs: {verdict}")

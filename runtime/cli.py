@@ -10,7 +10,7 @@ import warnings
 from .console import add_standard_options, one_line, run_command, say
 from .errors import LlavaRtError
 from .image_processing import MAX_IMAGE_PIXELS
-from .manifest_schema import PRECISIONS
+from .manifest_schema import FORMS, PRECISIONS
 from .request import DEFAULT_MAX_NEW_TOKENS, DEFAULT_NUM_FRAMES
 
 INTERACTIVE_HELP = """commands:
@@ -73,6 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=PRECISIONS,
         default=None,
         help="graph variants to run (default: the best the bundle has for the backend; said on stderr)",
+    )
+    parser.add_argument(
+        "--form",
+        choices=FORMS,
+        default=None,
+        help="run this form of each variant where the bundle has it: standard (what TensorRT builds) or onnxruntime's "
+        "own (default: the backend's preferred form)",
     )
     parser.add_argument(
         "--threads",
@@ -208,7 +215,12 @@ def _main(args) -> int:
     # Pillow warns about large images as it opens them; the size limit above refuses them on its own line.
     warnings.simplefilter("ignore", Image.DecompressionBombWarning)
     pipeline = Pipeline.load(
-        args.bundle, threads=args.threads, verify=args.verify, max_image_pixels=args.max_image_pixels, precision=args.precision
+        args.bundle,
+        threads=args.threads,
+        verify=args.verify,
+        max_image_pixels=args.max_image_pixels,
+        precision=args.precision,
+        form=args.form,
     )
     say(f"llava-run: {pipeline.selection.describe()}")
     pipeline.show_progress = True

@@ -55,6 +55,7 @@ _TENSORS = {
     },
 }
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
+FORMS = ("standard", "onnxruntime")
 # A graph's precision variants, keyed by the middle of their file name: `fp16` is `<graph>.fp16.onnx` (standard
 # operators, the form TensorRT builds), `int8.ort` is `<graph>.int8.ort.onnx` (an onnxruntime-only form).
 VARIANT_KEY = r"^(fp32|fp16|int8|int4)(\.ort)?$"
@@ -63,7 +64,7 @@ _VARIANT = {
     "required": ["precision", "form", "file", "inputs", "outputs"],
     "properties": {
         "precision": {"enum": list(PRECISIONS)},
-        "form": {"enum": ["standard", "onnxruntime"]},
+        "form": {"enum": list(FORMS)},
         "file": _PATH,
         "external_data": _PATH,
         "inputs": _TENSORS,

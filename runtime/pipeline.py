@@ -74,11 +74,12 @@ class Pipeline:
         threads: int | None = None,
         max_image_pixels: int = MAX_IMAGE_PIXELS,
         precision: str | None = None,
+        form: str | None = None,
     ):
         manifest = bundle.manifest
         self.bundle = bundle
         self.manifest = manifest
-        self.selection = select_variants(manifest, precision, backend)
+        self.selection = select_variants(manifest, precision, backend, form)
         logger.info("%s", self.selection.describe())
         self.sessions = {
             name: bundle.session(name, variant, backend, threads=threads) for name, variant in self.selection.variants.items()
@@ -105,16 +106,19 @@ class Pipeline:
         verify: str = "auto",
         max_image_pixels: int = MAX_IMAGE_PIXELS,
         precision: str | None = None,
+        form: str | None = None,
     ) -> "Pipeline":
         """Load a bundle directory. `verify`: "auto" re-hashes only the files changed since this user last verified
         them, "full" re-hashes every file (see `load_bundle`). `threads`: intra-op threads per graph (default: one
         per physical core; at most the CPU count). `max_image_pixels`: the most pixels an image or a video frame
         may have (checked before decoding it). `precision` (fp32, fp16, int8, int4): the graph variants to run;
-        default: the best the bundle has for the backend (`pipeline.selection` says which, also logged at INFO)."""
+        default: the best the bundle has for the backend (`pipeline.selection` says which, also logged at INFO).
+        `form` ("standard", "onnxruntime"): run that form of each variant where the bundle has it (default: the
+        backend's preferred form; onnxruntime's own on the CPU)."""
         check_threads(threads)  # before the bundle is hashed
         check_precision(precision)
         bundle = load_bundle(path, verify=verify)
-        return cls(bundle, backend=backend, threads=threads, max_image_pixels=max_image_pixels, precision=precision)
+        return cls(bundle, backend, threads, max_image_pixels, precision=precision, form=form)
 
     def input_dtype(self, graph: str, name: str) -> np.dtype:
         """The dtype the running variant of `graph` takes for its input `name`, as the manifest records it."""

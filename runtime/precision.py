@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import InputError
-from .manifest_schema import PRECISIONS, variant_key
+from .manifest_schema import FORMS, PRECISIONS, variant_key
 
 
 @dataclass(frozen=True)
@@ -56,10 +56,13 @@ def check_precision(precision: object) -> str | None:
     return precision
 
 
-def select_variants(manifest: dict[str, Any], precision: str | None, backend: str) -> Selection:
-    """The variants to run for `precision` (None: the backend's most preferred precision the bundle has).
+def select_variants(manifest: dict[str, Any], precision: str | None, backend: str, form: str | None = None) -> Selection:
+    """The variants to run for `precision` (None: the backend's most preferred precision the bundle has), each graph
+    in the form `form` ("standard" or "onnxruntime") where it has that variant, else in the backend's preferred one.
 
-    Raises `InputError` for an unknown precision or one no graph of the bundle has."""
+    Raises `InputError` for an unknown precision or form, or a precision no graph of the bundle has."""
+    if form is not None and form not in FORMS:
+        raise InputError(f"form must be one of {', '.join(FORMS)}, got {form!r}")
     available = bundle_precisions(manifest)
     preference = PREFERENCES[backend]
     if check_precision(precision) is None:
@@ -73,6 +76,7 @@ def select_variants(manifest: dict[str, Any], precision: str | None, backend: st
         chosen = precision
     variants = {}
     for graph, spec in manifest["graphs"].items():
-        keys = [variant_key(chosen, form) for form in preference.forms]
+        forms = [form] * (form is not None) + list(preference.forms)
+        keys = [variant_key(chosen, kind) for kind in forms]
         variants[graph] = next((key for key in keys if key in spec["variants"]), "fp32")
     return Selection(chosen, variants, by_default=precision is None)
