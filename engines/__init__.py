@@ -1,0 +1,1 @@
+"""Bundle graphs -> TensorRT: what TensorRT accepts, and (later) plans built from the graphs."""
