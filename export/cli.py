@@ -21,7 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, help="bundle directory to create")
     parser.add_argument(
         "--precision",
-        default="",
+        default=None,
         metavar="LIST",
         help=f"precision variants to add, comma separated: {', '.join(VARIANT_PRECISIONS)} (fp16: every graph; int8: "
         "vision tower and projector as Q/DQ graphs calibrated on images, and the decoder; int4: the decoder). The fp32 "
@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _export(args: argparse.Namespace) -> int:
-    precisions = check_precisions(args.precision)  # before the slow imports
+    precisions = () if args.precision is None else check_precisions(args.precision)  # before the slow imports
     from .exporter import export_bundle
 
     manifest = export_bundle(
