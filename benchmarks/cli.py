@@ -1,11 +1,13 @@
 """`llava-bench`: transformers eager against llava-rt bundles on the same request, stage by stage.
 
-    llava-bench --preset llava-onevision-qwen2-0.5b-ov --precision fp32,int8,int4 --threads 2
+    llava-bench --preset llava-onevision-qwen2-0.5b-ov --precision fp32,fp16,int8,int4 --threads 2
 
-Builds the checkpoint (a preset at its true shapes with random weights) and exports one bundle per
-precision, both cached under `--workdir`; warms every side up, then runs them alternately `--repeats`
-times. Peak memory is measured with each side alone in a fresh process. Prints a Markdown table of
-medians with their spread and the bundle / transformers ratios; `--json` and `--chart` save them.
+Builds the checkpoint (a preset at its true shapes with random weights) and exports one bundle holding every
+asked precision, both cached under `--workdir`. The sides: transformers (the reference), llava-rt per precision
+in the runtime's default form on the CPU, and in the standard (TensorRT) form too where that runs other
+variants. Warms every side up, then runs them alternately `--repeats` times; peak memory is measured with each
+side alone in a fresh process. Prints a Markdown table of medians with their spread and the llava-rt /
+transformers ratios, and the drift from fp32 the export recorded; `--json` and `--chart` save them.
 """
 
 from __future__ import annotations
@@ -26,13 +28,15 @@ from ..runtime.bundle import FORMAT_VERSION, MANIFEST_NAME
 from ..runtime.chat import user_turn
 from ..runtime.console import add_standard_options, run_command, say
 from ..runtime.errors import LlavaRtError
+from ..runtime.manifest_schema import PRECISIONS
+from ..runtime.precision import bundle_precisions
+from .drift import bundle_drift
 from .machine import measure_bandwidth
 from .presets import PRESETS
-from .report import REFERENCE, chart, ratios, summarize, table
-from .sides import BundleSide, Request, TransformersSide, synthetic_image
+from .report import REFERENCE, chart, ratios, report, summarize
+from .sides import BundleChoice, BundleSide, Request, TransformersSide, bundle_choices, synthetic_image
 
 DEFAULT_WORKDIR = Path.home() / ".cache" / "llava-rt" / "bench"
-PRECISIONS = ("fp32", *export_options.PRECISIONS)
 # the `bench` extra: the export extra (it runs transformers and exports bundles), torchvision (transformers'
 # OneVision processor cannot be built without it) and matplotlib (the chart)
 EXTRA = ("bench", (*export_options.EXTRA[1], "torchvision", "matplotlib"))
@@ -61,17 +65,19 @@ def _checkpoint(args) -> tuple[Path, Path, str]:
     return built_once(root / "checkpoint", build), root, label
 
 
-def _bundle(checkpoint: Path, root: Path, precision: str) -> Path:
-    """The cached bundle of `checkpoint` at `precision`, exported first if missing or from an older format."""
+def _bundle(checkpoint: Path, root: Path, precisions: list[str]) -> tuple[Path, dict[str, Any]]:
+    """The cached bundle of `checkpoint` and its manifest; exported first, with every one of `precisions`, when missing,
+    from an older format, or without one of them."""
     from ..export.exporter import export_bundle
 
-    path = root / f"bundle-{precision}"
-    manifest = path / MANIFEST_NAME
-    if manifest.is_file() and json.loads(manifest.read_text()).get("format_version") == FORMAT_VERSION:
-        return path
-    say(f"exporting {checkpoint} -> {path}")
-    export_bundle(checkpoint, path, force=True, precision=None if precision == "fp32" else precision, log=say)
-    return path
+    path = root / "bundle"
+    manifest_file = path / MANIFEST_NAME
+    if manifest_file.is_file():
+        manifest = json.loads(manifest_file.read_text())
+        if manifest.get("format_version") == FORMAT_VERSION and set(precisions) <= set(bundle_precisions(manifest)):
+            return path, manifest
+    say(f"exporting {checkpoint} -> {path} ({', '.join(precisions)})")
+    return path, export_bundle(checkpoint, path, precisions=precisions, force=True, log=say)
 
 
 def _request(pipeline, args) -> tuple[Request, int]:
@@ -97,23 +103,27 @@ def _request(pipeline, args) -> tuple[Request, int]:
     return Request(image, prompt, args.new_tokens), input_tokens
 
 
-def _peak_memory(side: str, path: Path, request_file: Path, threads: int) -> int:
-    """Peak resident bytes of `side` answering the request alone in a fresh process."""
-    command = [sys.executable, "-m", "llava_rt.benchmarks.peak_memory", "--side", side, "--path", str(path)]
+def _peak_memory(name: str, choice: BundleChoice | None, path: Path, request_file: Path, threads: int) -> int:
+    """Peak resident bytes of a side answering the request alone in a fresh process: transformers on the checkpoint at
+    `path` (`choice` None), or llava-rt running `choice`'s variants of the bundle at `path`."""
+    command = [sys.executable, "-m", "llava_rt.benchmarks.peak_memory", "--path", str(path)]
     command += ["--request", str(request_file), "--threads", str(threads)]
+    if choice is not None:
+        command += ["--precision", choice.precision, *(["--form", choice.form] if choice.form else [])]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
-        raise BenchError(f"peak-memory run of {side} failed: {done.stderr.strip().splitlines()[-1:]}")
+        raise BenchError(f"peak-memory run of {name} failed: {done.stderr.strip().splitlines()[-1:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])["peak_rss_bytes"]
 
 
 def run_benchmark(args) -> dict[str, Any]:
     """Everything `llava-bench` measures, as one JSON-ready dict."""
     checkpoint, root, label = _checkpoint(args)
-    bundles = {f"bundle-{p}": _bundle(checkpoint, root, p) for p in args.precision}
+    bundle, manifest = _bundle(checkpoint, root, args.precision)
+    choices = bundle_choices(manifest, args.precision)
     say(f"loading the sides ({args.threads} threads)")
     sides = [TransformersSide(checkpoint, args.threads)]
-    sides += [BundleSide(path, args.threads, name) for name, path in bundles.items()]
+    sides += [BundleSide(bundle, args.threads, choice) for choice in choices]
     request, input_tokens = _request(sides[1].pipeline, args)
     for side in sides:
         say(f"warming up {side.name}")
@@ -137,9 +147,11 @@ def run_benchmark(args) -> dict[str, Any]:
         request_file = root / "request.json"
         spec = {"prompt": request.prompt, "image_size": args.image_size, "new_tokens": args.new_tokens}
         request_file.write_text(json.dumps(spec))
-        for name, path in [(REFERENCE, checkpoint), *bundles.items()]:
+        runs = [(REFERENCE, None, checkpoint), *((choice.name, choice, bundle) for choice in choices)]
+        for name, choice, path in runs:
             say(f"peak memory of {name} (separate process)")
-            results[name]["peak_rss_mb"] = summarize([_peak_memory(name, path, request_file, args.threads) / 2**20])
+            peak = _peak_memory(name, choice, path, request_file, args.threads)
+            results[name]["peak_rss_mb"] = summarize([peak / 2**20])
     return {
         "config": {
             "label": label,
@@ -160,6 +172,7 @@ def run_benchmark(args) -> dict[str, Any]:
         },
         "sides": results,
         "ratios": ratios(results),
+        "drift": bundle_drift(manifest, choices),
     }
 
 
@@ -169,7 +182,7 @@ def _parser() -> argparse.ArgumentParser:
     source.add_argument("--checkpoint", help="a LLaVA-NeXT / OneVision / NeXT-Video checkpoint directory")
     source.add_argument("--preset", choices=sorted(PRESETS), help="a real architecture with random weights")
     parser.add_argument("--layers", type=int, help="decoder depth of the preset (default: the real one)")
-    parser.add_argument("--precision", default="fp32", help="comma-separated bundle precisions (fp32, int8, int4)")
+    parser.add_argument("--precision", default="fp32", help=f"comma-separated precisions ({', '.join(PRECISIONS)})")
     parser.add_argument("--image-size", type=int, default=384, help="side of the square test image (default 384)")
     parser.add_argument("--prompt-tokens", type=int, default=512, help="text tokens in the prompt (default 512)")
     parser.add_argument("--new-tokens", type=int, default=128, help="tokens generated, EOS ignored (default 128)")
@@ -184,11 +197,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _validate(args) -> None:
-    args.precision = [p.strip() for p in args.precision.split(",") if p.strip()]
-    unknown = [p for p in args.precision if p not in PRECISIONS]
-    if unknown or not args.precision:
+    asked = [p.strip() for p in args.precision.split(",") if p.strip()]
+    unknown = [p for p in asked if p not in PRECISIONS]
+    if unknown or not asked:
         given = ",".join(unknown) or "none"
         raise BenchError(f"--precision takes a comma-separated list of {', '.join(PRECISIONS)}, got {given}")
+    args.precision = [p for p in PRECISIONS if p in asked]
     if args.layers is not None and (args.checkpoint is not None or args.layers < 1):
         raise BenchError("--layers takes a positive depth and only applies to --preset")
     for name in ("image_size", "prompt_tokens", "new_tokens", "threads", "repeats"):
@@ -207,7 +221,7 @@ def _validate(args) -> None:
 def _bench(args: argparse.Namespace) -> int:
     _validate(args)
     result = run_benchmark(args)
-    print(table(result))
+    print(report(result))
     try:
         if args.json:
             args.json.write_text(json.dumps(result, indent=2) + "\n")

@@ -1,4 +1,5 @@
-"""Benchmark results as a table, a JSON document and a PNG chart (matplotlib) of the bundle / transformers ratios."""
+"""Benchmark results as Markdown tables (stage times, drift from fp32), a JSON document and a PNG chart (matplotlib)
+of the llava-rt / transformers ratios."""
 
 from __future__ import annotations
 
@@ -16,6 +17,18 @@ METRICS = (
     ("roofline_fraction", "decode roofline fraction", "", True),
 )
 REFERENCE = "transformers"
+TENSORRT_NOTE = (
+    "The standard (TensorRT) form of the int8 vision graphs is judged by its fake-quant accuracy in the drift table, "
+    "not by its CPU speed here: onnxruntime's fused CPU int8 kernels saturate on CPUs without VNNI."
+)
+DRIFT_NOTES = (
+    "Drift from fp32, recorded at export. Per graph: the variant run and the mean cosine of its outputs with the fp32 "
+    "graph's (onnxruntime: the variant run by onnxruntime; fake-quant: its Q/DQ arithmetic as TensorRT computes it). "
+    "Decoder top-1: last-token argmax agreement over the export's prompts. Pipeline: the share of greedy tokens before "
+    "the first difference from fp32 (the export measures the default form only).",
+    "Random weights (every preset) make drift look worse than trained weights do: a random network's outputs are "
+    "accumulated noise, and rounding noise moves them further than it moves a trained network's.",
+)
 
 
 def summarize(values: list[float]) -> dict[str, Any]:
@@ -24,7 +37,7 @@ def summarize(values: list[float]) -> dict[str, Any]:
 
 
 def ratios(sides: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """Each bundle side's median over transformers' median, per metric both sides have."""
+    """Each llava-rt side's median over transformers' median, per metric both sides have."""
     reference = sides[REFERENCE]
     out = {}
     for name, side in sides.items():
@@ -66,13 +79,61 @@ def table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _graph_cell(entry: dict[str, Any]) -> str:
+    if "cosine" not in entry:
+        return f"{entry['variant']} (reference)"
+    return f"{entry['variant']} {entry['cosine']:.5f}" + (f" ({entry['run']})" if "run" in entry else "")
+
+
+def _pipeline_cell(pipeline: dict[str, Any] | None) -> str:
+    if pipeline is None:
+        return "not measured"
+    return f"{pipeline['token_agreement']:.0%} of {pipeline['new_tokens']} tokens x {pipeline['prompts']} prompts"
+
+
+def drift_table(drift: dict[str, dict[str, Any]]) -> str:
+    """A Markdown table: one row per quantized side; per graph its variant and drift cosine, the decoder's top-1
+    agreement and the pipeline's token agreement."""
+    graphs = list(dict.fromkeys(graph for side in drift.values() for graph in side["graphs"]))
+    lines = [
+        "| drift from fp32 | "
+        + " | ".join(f"{graph}: variant, cosine" for graph in graphs)
+        + " | decoder top-1 | pipeline tokens |",
+        "|---|" + "---|" * (len(graphs) + 2),
+    ]
+    for name, side in drift.items():
+        decoder = side["graphs"].get("decoder", {})
+        top1 = f"{decoder['top1_agreement']:.0%} of {decoder['prompts']} prompts" if "top1_agreement" in decoder else "-"
+        cells = [_graph_cell(side["graphs"][graph]) if graph in side["graphs"] else "-" for graph in graphs]
+        lines.append(f"| {name} | " + " | ".join([*cells, top1, _pipeline_cell(side["pipeline"])]) + " |")
+    return "\n".join(lines)
+
+
+def _runs_standard_int8_vision(drift: dict[str, dict[str, Any]]) -> bool:
+    """Whether a side runs a vision-side graph's int8 variant in the standard (Q/DQ, TensorRT) form."""
+    return any(
+        graph != "decoder" and entry["variant"] == "int8" for side in drift.values() for graph, entry in side["graphs"].items()
+    )
+
+
+def report(result: dict[str, Any]) -> str:
+    """What `llava-bench` prints: the stage table, then the drift table with what its figures mean."""
+    drift = result["drift"]
+    parts = [table(result)]
+    if _runs_standard_int8_vision(drift):
+        parts.append(TENSORRT_NOTE)
+    if drift:
+        parts += [drift_table(drift), *DRIFT_NOTES]
+    return "\n\n".join(parts)
+
+
 def _median(entry: dict[str, Any]) -> str:
     median = entry["median"]
     return f"{median:.{3 if median < 1 else 1}f}"
 
 
 def figure(result: dict[str, Any]):
-    """A matplotlib figure: per metric, one horizontal bar per bundle side with its ratio to transformers (log axis,
+    """A matplotlib figure: per metric, one horizontal bar per llava-rt side with its ratio to transformers (log axis,
     1.0 marked), each bar annotated with the ratio and both medians in their units."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -111,7 +172,7 @@ def figure(result: dict[str, Any]):
         ],
     )
     ax.invert_yaxis()
-    ax.set_xlabel(f"bundle / {REFERENCE} (ratio of medians, log scale; dashed line: same as {REFERENCE})")
+    ax.set_xlabel(f"llava-rt / {REFERENCE} (ratio of medians, log scale; dashed line: same as {REFERENCE})")
     ax.set_ylabel("stage")
     config = result["config"]
     ax.set_title(

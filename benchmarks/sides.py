@@ -1,4 +1,5 @@
-"""The two things compared: transformers eager and a llava-rt bundle, behind one `run(request)` interface.
+"""The things compared: transformers eager and llava-rt bundle choices (a precision, and a form of its variants),
+behind one `run(request)` interface.
 
 Each run answers the same request (one image, a rendered prompt, a fixed number of new tokens with
 end-of-sequence suppressed) and returns wall-clock stage times. Time to first token runs from the raw
@@ -11,9 +12,12 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
+
+BACKEND = "onnxruntime"  # what the llava-rt sides run on, on the CPU
 
 
 @dataclass(frozen=True)
@@ -94,15 +98,47 @@ class TransformersSide:
         return StageTimes.from_stamps(preprocess_ms, vision_ms, ttft_ms, new_token_stamps)
 
 
-class BundleSide:
-    """A bundle run by the llava-rt runtime (onnxruntime, `threads` intra-op threads)."""
+@dataclass(frozen=True)
+class BundleChoice:
+    """What one llava-rt side runs: the bundle's variants of `precision`, in `form` ("standard": TensorRT's) where a
+    graph has it, else (and for `form` None) in the runtime's default form on the CPU."""
 
-    def __init__(self, bundle: Path, threads: int, name: str):
+    precision: str
+    form: str | None = None
+
+    @property
+    def name(self) -> str:
+        return " ".join(["llava-rt", self.precision, *([self.form] if self.form else [])])
+
+    def selection(self, manifest: dict[str, Any]):
+        """The runtime's `Selection` of variants for this choice."""
+        from ..runtime.precision import select_variants
+
+        return select_variants(manifest, self.precision, BACKEND, self.form)
+
+
+def bundle_choices(manifest: dict[str, Any], precisions: list[str]) -> list[BundleChoice]:
+    """A side per precision in the runtime's default form, and one in the standard form where that runs other variants
+    (int8 and int4: onnxruntime's own forms against the ones TensorRT builds)."""
+    choices = []
+    for precision in precisions:
+        default, standard = BundleChoice(precision), BundleChoice(precision, "standard")
+        choices.append(default)
+        if standard.selection(manifest).variants != default.selection(manifest).variants:
+            choices.append(standard)
+    return choices
+
+
+class BundleSide:
+    """A bundle run by the llava-rt runtime (onnxruntime, `threads` intra-op threads), with the variants of `choice`."""
+
+    def __init__(self, bundle: Path, threads: int, choice: BundleChoice):
         from ..runtime.pipeline import Pipeline
 
-        self.name = name
-        self.pipeline = Pipeline.load(bundle, threads=threads)
-        self.weight_bytes_per_token = self.pipeline.bundle.graph_bytes("decoder")
+        self.name = choice.name
+        self.pipeline = Pipeline.load(bundle, BACKEND, threads=threads, precision=choice.precision, form=choice.form)
+        decoder = self.pipeline.selection.variants["decoder"]
+        self.weight_bytes_per_token = self.pipeline.bundle.graph_bytes("decoder", decoder)
 
     def run(self, request: Request) -> StageTimes:
         stamps: list[float] = []

@@ -7,37 +7,99 @@ import json
 import pytest
 from PIL import Image
 
+import llava_rt.export.exporter
 from conftest import assert_one_line_error, run
-from llava_rt.benchmarks.cli import main
+from llava_rt.benchmarks.cli import _bundle, main
 from llava_rt.benchmarks.presets import PRESETS
-from llava_rt.benchmarks.report import METRICS, figure, ratios, summarize
+from llava_rt.benchmarks.report import DRIFT_NOTES, METRICS, TENSORRT_NOTE, figure, ratios, summarize
 from llava_rt.export.staging import COMPLETE_MARK, built_once
+from llava_rt.runtime.bundle import FORMAT_VERSION, MANIFEST_NAME, load_bundle
 
 STAGES = ("preprocess_ms", "vision_ms", "ttft_ms", "decode_tokens_per_s", "roofline_fraction", "peak_rss_mb")
+INT8_SIDES = ("llava-rt int8", "llava-rt int8 standard")
 
 
-def test_bench_runs_both_sides_and_reports_every_figure(onevision, tmp_path, capsys):
+def test_bench_runs_every_precision_and_form_and_reports_every_figure_and_drift(onevision, tmp_path, capsys):
     checkpoint = onevision["ov-tied"].checkpoint
     out = tmp_path / "bench.json"
     chart = tmp_path / "bench.png"
-    argv = ["--checkpoint", str(checkpoint), "--precision", "fp32,int8", "--image-size", "48", "--prompt-tokens", "32"]
+    argv = ["--checkpoint", str(checkpoint), "--precision", "int8,fp32", "--image-size", "48", "--prompt-tokens", "32"]
     argv += ["--new-tokens", "4", "--repeats", "1", "--warmup", "0", "--workdir", str(tmp_path / "work")]
     assert main([*argv, "--json", str(out), "--chart", str(chart)]) == 0
     result = json.loads(out.read_text())
-    assert set(result["sides"]) == {"transformers", "bundle-fp32", "bundle-int8"}
+    # one bundle with both precisions; int8 also in the standard (TensorRT) form, which runs other variants on the CPU
+    (bundle,) = [path.parent for path in (tmp_path / "work").rglob(MANIFEST_NAME)]
+    assert bundle.name == "bundle"
+    assert list(result["sides"]) == ["transformers", "llava-rt fp32", *INT8_SIDES]
     for name, side in result["sides"].items():
         for stage in STAGES:
             assert side[stage]["median"] > 0, (name, stage)
         assert side["weight_bytes_per_token"] > 0
-    assert result["sides"]["bundle-int8"]["weight_bytes_per_token"] < result["sides"]["bundle-fp32"]["weight_bytes_per_token"]
-    for name in ("bundle-fp32", "bundle-int8"):
-        assert set(result["ratios"][name]) == set(STAGES) - {"roofline_fraction"}
+    decoders = {"llava-rt fp32": "fp32", "llava-rt int8": "int8.ort", "llava-rt int8 standard": "int8"}
+    for name, variant in decoders.items():  # each side reads its own decoder variant's weights
+        assert result["sides"][name]["weight_bytes_per_token"] == load_bundle(bundle).graph_bytes("decoder", variant)
+    for name in result["sides"]:
+        if name != "transformers":
+            assert set(result["ratios"][name]) == set(STAGES) - {"roofline_fraction"}
+
+    drift = result["drift"]
+    assert list(drift) == list(INT8_SIDES)  # the fp32 side is the reference: no drift
+    default, standard = (drift[name] for name in INT8_SIDES)
+    assert (default["precision"], default["form"], standard["form"]) == ("int8", None, "standard")
+    assert {graph: entry["variant"] for graph, entry in default["graphs"].items()} == dict.fromkeys(default["graphs"], "int8.ort")
+    assert {graph: entry["variant"] for graph, entry in standard["graphs"].items()} == dict.fromkeys(standard["graphs"], "int8")
+    assert {"vision", "projector", "decoder"} <= set(default["graphs"])
+    for side in (default, standard):
+        for graph, entry in side["graphs"].items():
+            assert 0 < entry["cosine"] <= 1 + 1e-6, (graph, entry)
+        assert 0 <= side["graphs"]["decoder"]["top1_agreement"] <= 1
+    assert default["graphs"]["vision"]["run"] == "onnxruntime" and standard["graphs"]["vision"]["run"] == "fake-quant"
+    assert 0 <= default["pipeline"]["token_agreement"] <= 1 and default["pipeline"]["prompts"] > 0
+    assert standard["pipeline"] is None  # the export measures the whole pipeline in the default form only
+
     assert result["machine"]["bandwidth_gb_per_s"] > 0
     assert result["config"]["input_tokens"] > 32
-    table = capsys.readouterr().out
-    assert all(label in table for _, label, *_ in METRICS) and "bundle-int8" in table
+    printed = capsys.readouterr().out
+    assert all(label in printed for _, label, *_ in METRICS) and all(name in printed for name in INT8_SIDES)
+    assert "| drift from fp32 |" in printed and "fake-quant" in printed and "not measured" in printed
+    assert all(note in printed for note in (TENSORRT_NOTE, *DRIFT_NOTES))
     with Image.open(chart) as image:
         assert image.format == "PNG" and image.width > 0
+
+
+def _cached_bundle(root, precisions, format_version=FORMAT_VERSION):
+    """A stand-in cached bundle: a manifest whose decoder has a variant of each of `precisions`."""
+    variants = {precision: {"precision": precision} for precision in ("fp32", *precisions)}
+    manifest = {"format_version": format_version, "graphs": {"decoder": {"variants": variants}}}
+    (root / "bundle").mkdir(parents=True)
+    (root / "bundle" / MANIFEST_NAME).write_text(json.dumps(manifest))
+    return manifest
+
+
+@pytest.mark.parametrize(
+    ("cached", "format_version", "asked", "exported"),
+    [
+        (("int8",), FORMAT_VERSION, ["fp32", "int8"], None),
+        (("fp16", "int8", "int4"), FORMAT_VERSION, ["int4"], None),
+        (("int8",), FORMAT_VERSION, ["fp32", "int8", "int4"], ["fp32", "int8", "int4"]),
+        (("int8",), FORMAT_VERSION - 1, ["int8"], ["int8"]),
+    ],
+)
+def test_the_cached_bundle_is_reused_only_with_the_current_format_and_every_asked_precision(
+    tmp_path, monkeypatch, cached, format_version, asked, exported
+):
+    manifest = _cached_bundle(tmp_path, cached, format_version)
+    calls = []
+
+    def export_bundle(checkpoint, out, precisions, force, log):
+        calls.append(list(precisions))
+        return {"exported": True}
+
+    monkeypatch.setattr(llava_rt.export.exporter, "export_bundle", export_bundle)
+    path, got = _bundle(tmp_path / "checkpoint", tmp_path, asked)
+    assert path == tmp_path / "bundle"
+    assert calls == ([] if exported is None else [exported])
+    assert got == (manifest if exported is None else {"exported": True})
 
 
 def test_presets_name_the_real_architectures():
@@ -47,8 +109,10 @@ def test_presets_name_the_real_architectures():
 
 
 def test_bad_arguments_give_one_line_errors(tmp_path):
-    result = run("llava_rt.benchmarks.cli", "--checkpoint", str(tmp_path), "--precision", "fp64")
-    assert_one_line_error(result, "llava-bench", "--precision")
+    for precision in ("fp64", "fp32,int3", ",", "int8 standard"):
+        result = run("llava_rt.benchmarks.cli", "--checkpoint", str(tmp_path), "--precision", precision)
+        assert result.returncode == 2
+        assert_one_line_error(result, "llava-bench", "--precision")
     result = run("llava_rt.benchmarks.cli", "--checkpoint", str(tmp_path / "missing"))
     assert_one_line_error(result, "llava-bench", "checkpoint directory not found")
     result = run("llava_rt.benchmarks.cli", "--checkpoint", str(tmp_path), "--layers", "2")
@@ -95,16 +159,16 @@ def test_a_half_built_cache_from_an_older_version_is_rebuilt(tmp_path):
 def test_chart_labels_axes_and_annotates_ratios_with_units(tmp_path):
     medians = {
         "transformers": {"ttft_ms": 36208.9, "decode_tokens_per_s": 4.6, "roofline_fraction": 0.3},
-        "bundle-fp32": {"ttft_ms": 22204.2, "decode_tokens_per_s": 13.8, "roofline_fraction": 0.9},
+        "llava-rt fp32": {"ttft_ms": 22204.2, "decode_tokens_per_s": 13.8, "roofline_fraction": 0.9},
     }
     sides = {name: {key: summarize([value]) for key, value in entry.items()} for name, entry in medians.items()}
     config = {"label": "tiny", "input_tokens": 100, "new_tokens": 8, "threads": 2, "repeats": 1}
     result = {"config": config, "sides": sides, "ratios": ratios(sides)}
     (axes,) = figure(result).axes
-    assert axes.get_xscale() == "log" and "bundle / transformers" in axes.get_xlabel()
+    assert axes.get_xscale() == "log" and "llava-rt / transformers" in axes.get_xlabel()
     ticks = [tick.get_text() for tick in axes.get_yticklabels()]
     assert ticks == ["time to first token (ms)\nlower is better", "decode (tok/s)\nhigher is better"]
     notes = {text.get_text() for text in axes.texts}
     assert {"0.61x (22204.2 vs 36208.9 ms)", "3.00x (13.8 vs 4.6 tok/s)"} <= notes
-    assert [t.get_text() for t in axes.get_legend().get_texts()] == ["bundle-fp32"]
+    assert [t.get_text() for t in axes.get_legend().get_texts()] == ["llava-rt fp32"]
     assert "tiny" in axes.get_title()
