@@ -13,14 +13,16 @@ from llava_rt.benchmarks.cli import _bundle, main
 from llava_rt.benchmarks.presets import PRESETS
 from llava_rt.benchmarks.report import DRIFT_NOTES, METRICS, TENSORRT_NOTE, figure, ratios, summarize
 from llava_rt.export.staging import COMPLETE_MARK, built_once
+from llava_rt.export.tiny_checkpoint import TinyOnevisionSpec, build_tiny_onevision_checkpoint
 from llava_rt.runtime.bundle import FORMAT_VERSION, MANIFEST_NAME, load_bundle
 
 STAGES = ("preprocess_ms", "vision_ms", "ttft_ms", "decode_tokens_per_s", "roofline_fraction", "peak_rss_mb")
 INT8_SIDES = ("llava-rt int8", "llava-rt int8 standard")
 
 
-def test_bench_runs_every_precision_and_form_and_reports_every_figure_and_drift(onevision, tmp_path, capsys):
-    checkpoint = onevision["ov-tied"].checkpoint
+def test_bench_runs_every_precision_and_form_and_reports_every_figure_and_drift(tmp_path, capsys):
+    # a checkpoint of its own: the shared `onevision` fixture would also export and load bundles this test never uses
+    checkpoint = build_tiny_onevision_checkpoint(tmp_path / "checkpoint", TinyOnevisionSpec(tie_word_embeddings=True))
     out = tmp_path / "bench.json"
     chart = tmp_path / "bench.png"
     argv = ["--checkpoint", str(checkpoint), "--precision", "int8,fp32", "--image-size", "48", "--prompt-tokens", "32"]
