@@ -23,6 +23,7 @@ from .manifest import variant_entry
 DRIFT_TILES = 8  # tiles (of the calibration or built-in images) each vision-side variant is compared on
 DRIFT_NEW_TOKENS = 32
 DRIFT_PROMPT = "Describe this image."
+SHOWN_FINDINGS = 3  # TensorRT findings the export prints per version (the manifest records them all)
 # What each one-input graph reads, and which graph's fp32 output it reads it from.
 _GRAPH_INPUTS = {"vision": "pixel_values", "projector": "image_features", "video_pool": "image_features"}
 
@@ -48,11 +49,13 @@ def file_table(work: Path) -> dict[str, dict[str, Any]]:
     return {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in sorted(work.iterdir()) if p.is_file()}
 
 
-def calibration_sources(directory: str | Path | None) -> list[Path] | None:
-    """The calibration image files of `directory` (None: the built-in set), checked before any heavy work."""
-    from .calibration import calibration_files
+def calibration_sources(directory: str | Path | None) -> Path | None:
+    """The calibration image directory (None: the built-in set), checked to hold image files before any heavy work."""
+    from .calibration import image_files
 
-    return None if directory is None else calibration_files(Path(directory))
+    if directory is not None:
+        image_files(Path(directory))
+    return None if directory is None else Path(directory)
 
 
 def add_variants(
@@ -60,7 +63,7 @@ def add_variants(
     work: Path,
     manifest: dict[str, Any],
     precisions: Sequence[str],
-    calibration: list[Path] | None,
+    calibration: Path | None,
     next_stage: Callable[[], None],
     log: Callable[[str], None],
 ) -> None:
@@ -81,7 +84,7 @@ def add_variants(
 
         next_stage()
         tiles = calibration_tiles(manifest, newline, calibration, log)
-        for graph, paths in quantize_vision_graphs(work, ["vision", "projector"], tiles, log).items():
+        for graph, paths in quantize_vision_graphs(work, tiles, log).items():
             written.setdefault(graph, {}).update(paths)
     weight_only = [precision for precision in ("int8", "int4") if precision in precisions]
     if weight_only:
@@ -204,6 +207,8 @@ def check_tensorrt(work: Path, manifest: dict[str, Any], log: Callable[[str], No
         results[version] = {"passed": not findings, "graphs": len(standard), "findings": findings}
         verdict = f"{len(findings)} finding(s)" if findings else "pass"
         log(f"  TensorRT {version} ONNX parser, {len(standard)} standard graphs: {verdict}")
-        for finding in findings:
+        for finding in findings[:SHOWN_FINDINGS]:
             log(f"    {finding}")
+        if len(findings) > SHOWN_FINDINGS:
+            log(f"    ... {len(findings) - SHOWN_FINDINGS} more: llava-bundle check BUNDLE --tensorrt --trt-version {version}")
     manifest["verification"]["tensorrt"] = results
