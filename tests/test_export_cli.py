@@ -11,7 +11,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from conftest import assert_one_line_error, run
 from llava_rt import __version__
@@ -50,9 +52,14 @@ def copy(checkpoint, tmp_path) -> Path:
 
 @pytest.fixture(scope="module")
 def exported(checkpoint, tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
-    """`llava-export --precision int8` of the tiny checkpoint, as a process: its result and the bundle."""
+    """`llava-export --precision int8` of the tiny checkpoint, calibrated on a directory holding one image and one
+    corrupt file, as a process: its result and the bundle."""
+    images = tmp_path_factory.mktemp("calibration")
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (60, 90, 3), dtype=np.uint8)).save(images / "good.png")
+    (images / "broken.jpg").write_bytes(b"not a jpeg")
     out = tmp_path_factory.mktemp("exported") / "bundle"
-    return run("llava_rt.export.cli", "--checkpoint", str(checkpoint), "--out", str(out), "--precision", "int8"), out
+    args = ["--checkpoint", str(checkpoint), "--out", str(out), "--precision", "int8", "--calibration-images", str(images)]
+    return run("llava_rt.export.cli", *args), out
 
 
 def leftovers(directory: Path) -> list[str]:
@@ -96,10 +103,12 @@ def test_export_prints_only_its_own_numbered_stages(exported):
     lines = result.stderr.splitlines()
     stages = [re.match(r"\[(\d+)/(\d+)\] ", line) for line in lines]
     numbers = [(int(m[1]), int(m[2])) for m in stages if m]
-    assert numbers == [(k, 6) for k in range(1, 7)], lines
+    assert numbers == [(k, 9) for k in range(1, 10)], lines
     others = [line for line, m in zip(lines, stages) if not m]
     assert all(line.startswith(("  ", "wrote ")) for line in others), others
-    assert any("quantizing the decoder weights to int8" in line for line in lines)
+    assert any("quantizing the decoder to int8" in line for line in lines)
+    calibration = [line for line in lines if line.startswith("  calibrating int8 on ")]
+    assert len(calibration) == 1 and "of 1 images from" in calibration[0] and "skipped 1 unusable" in calibration[0]
     assert (out / "manifest.json").is_file() and leftovers(out.parent) == []
 
 
@@ -295,6 +304,39 @@ def test_force_refuses_what_is_not_a_bundle(copy, tmp_path):
     result = run("llava_rt.export.cli", "--checkpoint", str(copy), "--out", str(other), "--force")
     assert_one_line_error(result, "llava-export", "neither a bundle nor empty")
     assert sorted(p.name for p in copy.iterdir()) == files and (other / "todo.txt").read_text() == "keep me"
+
+
+@pytest.mark.parametrize(
+    "options, fragment",
+    [
+        (["--precision", "int2"], "unknown precision 'int2' (choose from fp32, fp16, int8, int4, comma separated)"),
+        (["--precision", "fp16,"], "unknown precision ''"),
+        (["--calibration-images", "."], "--calibration-images is used by --precision int8 only"),
+        (["--precision", "int8", "--calibration-images", "/nonexistent"], "/nonexistent is not a directory"),
+        (["--precision", "int8", "--calibration-images", "{empty}"], "no image files in"),
+    ],
+)
+def test_bad_precision_options_fail_before_export(checkpoint, tmp_path, options, fragment):
+    (tmp_path / "empty").mkdir()
+    options = [option.format(empty=tmp_path / "empty") for option in options]
+    result = run("llava_rt.export.cli", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "b"), *options)
+    assert result.returncode == 2
+    assert_one_line_error(result, "llava-export", fragment)
+    assert "[2/" not in result.stderr and not (tmp_path / "b").exists()
+
+
+def test_calibration_images_none_usable_leaves_no_bundle(checkpoint, tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in ("a.png", "b.jpg"):
+        (images / name).write_bytes(b"corrupt")
+    out = tmp_path / "b"
+    args = ["--checkpoint", str(checkpoint), "--out", str(out), "--precision", "int8", "--calibration-images", str(images)]
+    result = run("llava_rt.export.cli", *args)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    last = result.stderr.splitlines()[-1]  # after the stages up to the calibration
+    assert last.startswith("llava-export: error: calibration images: none of the 2 image files in"), result.stderr
+    assert not out.exists() and leftovers(tmp_path) == []
 
 
 def test_force_replaces_a_bundle(checkpoint, exported):
