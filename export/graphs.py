@@ -1,4 +1,5 @@
-"""The three exportable modules: vision features, projector, and the decoder with an explicit KV cache.
+"""The exportable modules: vision features, projector, video pooling, and the decoder with an explicit KV cache;
+and each graph's input and output names, with its named dynamic axes.
 
 Each wraps submodules of the loaded transformers model, so the exported graphs compute exactly what
 transformers computes; only the KV cache plumbing and the attention mask are ours.
@@ -9,9 +10,12 @@ from __future__ import annotations
 import inspect
 from contextlib import contextmanager
 from contextvars import ContextVar
+from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from ..runtime.kv_cache import new_names, past_names
 
 
 class VisionFeatures(nn.Module):
@@ -79,6 +83,8 @@ def split_cache_attention(module, query, key, value, attention_mask, scaling, dr
     The past (a preallocated buffer the runtime owns, unused slots masked) is only read: scores against
     it and against the new keys are computed apart, softmaxed together, and the two value products summed.
     Query heads sharing a KV head are folded into one matmul, so the KV heads are never repeated either.
+    The scores are cast to float32 before the (float32) mask is added, and the softmax runs in float32: in an
+    fp16 model, fp16 scores plus the mask would overflow to -inf, and a fully masked row would give NaN.
     Returns `[B, S, heads, D]` like `eager_attention_forward`.
     """
     past_key, past_value = _ACTIVE_CACHE.get().past[module.layer_idx]
@@ -86,18 +92,38 @@ def split_cache_attention(module, query, key, value, attention_mask, scaling, dr
     kv_heads = key.shape[1]
     grouped = query.reshape(batch, kv_heads, (heads // kv_heads) * length, dim)
     scores = torch.cat([grouped @ past_key.transpose(-1, -2), grouped @ key.transpose(-1, -2)], dim=-1) * scaling
-    scores = scores.reshape(batch, heads, length, -1) + attention_mask
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    scores = scores.reshape(batch, heads, length, -1).float() + attention_mask
+    probs = torch.softmax(scores, dim=-1).to(query.dtype)
     probs = probs.reshape(batch, kv_heads, (heads // kv_heads) * length, -1)
     past_length = past_key.shape[2]
     output = probs[..., :past_length] @ past_value + probs[..., past_length:] @ value
     return output.reshape(batch, heads, length, dim).transpose(1, 2), None
 
 
-def _register_split_cache_attention() -> None:
+FP32_SOFTMAX_ATTENTION = "llava_rt_fp32_softmax"
+
+
+def fp32_softmax_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """transformers' eager attention of the vision towers (as many KV heads as query heads), its softmax written in
+    float32 in the exported graph: scores cast to float32, mask added, softmax, probabilities cast back.
+
+    transformers' `softmax(scores, dtype=torch.float32)` computes the same in PyTorch, but the ONNX exporter
+    (onnxscript 0.7's torchlib) writes it as an fp16 Softmax followed by a Cast to float32.
+    Returns `[B, S, heads, D]` like `eager_attention_forward`.
+    """
+    scores = (query @ key.transpose(-1, -2) * scaling).float()
+    if attention_mask is not None:
+        scores = scores + attention_mask
+    probs = torch.softmax(scores, dim=-1).to(query.dtype)
+    return (probs @ value).transpose(1, 2).contiguous(), probs
+
+
+def register_attention_functions() -> None:
+    """Make `split_cache_attention` and `fp32_softmax_attention` selectable as attention implementations."""
     from transformers import AttentionInterface
 
     AttentionInterface.register(SPLIT_CACHE_ATTENTION, split_cache_attention)
+    AttentionInterface.register(FP32_SOFTMAX_ATTENTION, fp32_softmax_attention)
 
 
 @contextmanager
@@ -119,13 +145,14 @@ def cache_keyword(module: nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
 
 
-def attention_bias(attention_mask: torch.Tensor, position_ids: torch.Tensor, sliding_window: int | None, dtype) -> torch.Tensor:
-    """Additive mask `[B, 1, S, P+S]` over `[past slots; new tokens]`: causal, padding-aware, optionally sliding-window.
+def attention_bias(attention_mask: torch.Tensor, position_ids: torch.Tensor, sliding_window: int | None) -> torch.Tensor:
+    """Additive float32 mask `[B, 1, S, P+S]` over `[past slots; new tokens]`: causal, padding-aware, optionally
+    sliding-window. Float32 whatever the model's dtype: it is added to scores cast to float32.
 
     Slots are compared by position (`cumsum(attention_mask) - 1`), not by index, so masked slots anywhere
     (left padding, unused capacity of a preallocated cache) do not count; for the tokens that attend, this
     is the same as transformers' index-based mask, since their positions are consecutive. Masked entries get
-    the dtype's most negative finite value (as transformers does), so a fully masked row (a left-padding
+    float32's most negative finite value (as transformers does), so a fully masked row (a left-padding
     position) yields a uniform softmax instead of NaN.
     """
     key_pos = attention_mask.cumsum(-1) - 1
@@ -134,8 +161,8 @@ def attention_bias(attention_mask: torch.Tensor, position_ids: torch.Tensor, sli
     if sliding_window is not None:
         allowed = allowed & (query_pos[:, :, None] - key_pos[:, None, :] < sliding_window)
     allowed = allowed[:, None] & attention_mask[:, None, None, :].bool()
-    zero = torch.zeros((), dtype=dtype, device=attention_mask.device)
-    return torch.where(allowed, zero, torch.finfo(dtype).min)
+    zero = torch.zeros((), dtype=torch.float32, device=attention_mask.device)
+    return torch.where(allowed, zero, torch.finfo(torch.float32).min)
 
 
 def layer_windows(config) -> list[int | None]:
@@ -156,7 +183,8 @@ class DecoderWithCache(nn.Module):
     Serves both prefill (sequence length S, no past) and decode (S = 1). The past is the runtime's
     preallocated cache (`[B, kv_heads, capacity, D]`, unused slots masked by `attention_mask`), read in
     place; only the new tokens' keys and values come out, for the runtime to write into its buffers.
-    Only the last position's logits are produced, so no `[B, S, vocab]` tensor is ever materialised.
+    Only the last position's logits are produced, so no `[B, S, vocab]` tensor is ever materialised; they are
+    float32 whatever the model's dtype (they are sampled from).
     """
 
     def __init__(self, language_model: nn.Module, lm_head: nn.Module):
@@ -164,15 +192,13 @@ class DecoderWithCache(nn.Module):
         self.language_model = language_model
         self.lm_head = lm_head
         self.windows = layer_windows(language_model.config)
-        _register_split_cache_attention()
+        register_attention_functions()
 
     def forward(self, inputs_embeds, attention_mask, position_ids, past_key_values: tuple[torch.Tensor, ...]):
         """`past_key_values` is flat: (layer 0 key, layer 0 value, layer 1 key, ...), each `[B, kv_heads, P, D]`."""
         pairs = list(zip(past_key_values[0::2], past_key_values[1::2]))
         cache = _TensorCache(pairs)
-        biases = {
-            window: attention_bias(attention_mask, position_ids, window, inputs_embeds.dtype) for window in set(self.windows)
-        }
+        biases = {window: attention_bias(attention_mask, position_ids, window) for window in set(self.windows)}
         hidden = inputs_embeds
         position_embeddings = self.language_model.rotary_emb(hidden, position_ids=position_ids)
         with _split_cache_attention(self.language_model.config, cache):
@@ -186,6 +212,62 @@ class DecoderWithCache(nn.Module):
                     **{cache_keyword(layer): cache},
                 )
         hidden = self.language_model.norm(hidden[:, -1:, :])
-        logits = self.lm_head(hidden)[:, 0, :]
+        logits = self.lm_head(hidden)[:, 0, :].float()
         new = [tensor for pair in cache.new for tensor in pair]
         return (logits, *new)
+
+
+@dataclass(frozen=True)
+class GraphIO:
+    """A graph's input and output names, and its named dynamic axes: `{tensor name: {axis: axis name}}`."""
+
+    inputs: list[str]
+    outputs: list[str]
+    axes: dict[str, dict[int, str]]
+
+
+VISION_IO = GraphIO(["pixel_values"], ["image_features"], {"pixel_values": {0: "tiles"}, "image_features": {0: "tiles"}})
+PROJECTOR_IO = GraphIO(
+    ["image_features"],
+    ["image_embeds"],
+    {"image_features": {0: "tiles", 1: "tokens"}, "image_embeds": {0: "tiles", 1: "tokens"}},
+)
+VIDEO_POOL_IO = GraphIO(
+    ["image_features"],
+    ["pooled_features"],
+    {"image_features": {0: "frames"}, "pooled_features": {0: "frames"}},
+)
+
+
+def kv_cache_spec(text_config) -> dict[str, int]:
+    """The decoder's KV cache layout (the manifest's `graphs.decoder.kv_cache`): layers, KV heads, head size."""
+    head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
+    return {"num_layers": text_config.num_hidden_layers, "num_kv_heads": text_config.num_key_value_heads, "head_dim": head_dim}
+
+
+def decoder_io(kv_cache: dict[str, int]) -> GraphIO:
+    """The decoder graph's inputs (embeddings, mask, positions, past keys and values) and outputs (logits, new ones)."""
+    return GraphIO(
+        ["inputs_embeds", "attention_mask", "position_ids", *past_names(kv_cache)],
+        ["logits", *new_names(kv_cache)],
+        {
+            "inputs_embeds": {0: "batch", 1: "sequence"},
+            "attention_mask": {0: "batch", 1: "total_sequence"},
+            "position_ids": {0: "batch", 1: "sequence"},
+            "logits": {0: "batch"},
+            **{name: {0: "batch", 2: "past_sequence"} for name in past_names(kv_cache)},
+            **{name: {0: "batch", 2: "sequence"} for name in new_names(kv_cache)},
+        },
+    )
+
+
+def decoder_example(hidden_size: int, kv_cache: dict[str, int], dtype: torch.dtype, generator: torch.Generator) -> tuple:
+    """Random decoder inputs to trace the graph with: 3 new tokens after 5 past ones, batch 2 (distinct sizes > 1,
+    so no axis gets specialised during tracing); float tensors in `dtype`."""
+    batch, seq, past_len = 2, 3, 5
+    embeds = torch.randn(batch, seq, hidden_size, generator=generator).to(dtype)
+    mask = torch.ones(batch, past_len + seq, dtype=torch.int64)
+    positions = torch.arange(past_len, past_len + seq).expand(batch, seq).contiguous()
+    shape = (batch, kv_cache["num_kv_heads"], past_len, kv_cache["head_dim"])
+    past = tuple(torch.randn(shape, generator=generator).to(dtype) for _ in range(2 * kv_cache["num_layers"]))
+    return embeds, mask, positions, past
