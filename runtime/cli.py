@@ -206,6 +206,7 @@ def _main(args) -> int:
     if args.prompt is None and not args.interactive:
         raise LlavaRtError("--prompt is required (or use --interactive)")
     from .pipeline import Pipeline
+    from .precision import bundle_precisions
     from .request import Request
 
     # The request's own fields are checked before the (possibly long) bundle load, its ranges right after.
@@ -222,7 +223,8 @@ def _main(args) -> int:
         precision=args.precision,
         form=args.form,
     )
-    say(f"llava-run: {pipeline.selection.describe()}")
+    if bundle_precisions(pipeline.manifest) != ["fp32"]:  # a choice was made: say which
+        say(f"llava-run: {pipeline.selection.describe()}")
     pipeline.show_progress = True
     pipeline.search_options(probe.search)
     return _interactive(pipeline, args) if args.interactive else _answer(pipeline, args)
