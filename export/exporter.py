@@ -16,12 +16,22 @@ import torch
 from ..runtime.bundle import MANIFEST_NAME, read_array
 from ..runtime.console import progress
 from ..runtime.errors import BundleError, ExportError
-from ..runtime.kv_cache import new_names, past_names
 from ..runtime.manifest_schema import REEXPORT_ADVICE, check_manifest
 from . import verify
 from .checkpoint import load_model, read_checkpoint
 from .compat import check_transformers
-from .graphs import DecoderWithCache, Projector, VideoPooler, VisionFeatures
+from .graphs import (
+    PROJECTOR_IO,
+    VIDEO_POOL_IO,
+    VISION_IO,
+    DecoderWithCache,
+    Projector,
+    VideoPooler,
+    VisionFeatures,
+    decoder_example,
+    decoder_io,
+    kv_cache_spec,
+)
 from .manifest import build_manifest, config_sections, feature_layers, variant_entry
 from .onnx_export import export_onnx
 from .options import check_precisions
@@ -95,72 +105,29 @@ def _export_graphs(
     vision = VisionFeatures(model.model.vision_tower, feature_layers(config), config.vision_feature_select_strategy)
     size = vision_config.image_size
     pixel_values = torch.randn(2, 3, size, size, generator=generator)
-    export_onnx(
-        vision,
-        (pixel_values,),
-        work / "vision.onnx",
-        ["pixel_values"],
-        ["image_features"],
-        {"pixel_values": {0: "tiles"}, "image_features": {0: "tiles"}},
-    )
+    export_onnx(vision, (pixel_values,), work / "vision.onnx", VISION_IO.inputs, VISION_IO.outputs, VISION_IO.axes)
     diff, features = verify.verify_graph(work / "vision.onnx", vision, pixel_values, "pixel_values")
     record("vision", diff)
 
     projector = Projector(model.model.multi_modal_projector)
     features = features.contiguous()
-    export_onnx(
-        projector,
-        (features,),
-        work / "projector.onnx",
-        ["image_features"],
-        ["image_embeds"],
-        {"image_features": {0: "tiles", 1: "tokens"}, "image_embeds": {0: "tiles", 1: "tokens"}},
-    )
+    export_onnx(projector, (features,), work / "projector.onnx", PROJECTOR_IO.inputs, PROJECTOR_IO.outputs, PROJECTOR_IO.axes)
     record("projector", verify.verify_graph(work / "projector.onnx", projector, features, "image_features")[0])
 
     resampler = getattr(model.model, "vision_resampler", None)
     if resampler is not None:
         pooler = VideoPooler(resampler)
         export_onnx(
-            pooler,
-            (features,),
-            work / "video_pool.onnx",
-            ["image_features"],
-            ["pooled_features"],
-            {"image_features": {0: "frames"}, "pooled_features": {0: "frames"}},
+            pooler, (features,), work / "video_pool.onnx", VIDEO_POOL_IO.inputs, VIDEO_POOL_IO.outputs, VIDEO_POOL_IO.axes
         )
         record("video_pool", verify.verify_graph(work / "video_pool.onnx", pooler, features, "image_features")[0])
 
     stages.next()
     decoder = DecoderWithCache(model.model.language_model, model.lm_head)
-    num_layers = text_config.num_hidden_layers
-    head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
-    kv_heads = text_config.num_key_value_heads
-    kv_cache = {"num_layers": num_layers, "num_kv_heads": kv_heads, "head_dim": head_dim}
-    batch, seq, past_len = 2, 3, 5  # distinct sizes > 1, so no axis gets specialised during tracing
-    embeds = torch.randn(batch, seq, text_config.hidden_size, generator=generator)
-    mask = torch.ones(batch, past_len + seq, dtype=torch.int64)
-    positions = torch.arange(past_len, past_len + seq).expand(batch, seq).contiguous()
-    past = tuple(
-        torch.randn(batch, kv_heads, past_len, head_dim, generator=generator) for _ in range(2 * num_layers)
-    )
-    axes = {
-        "inputs_embeds": {0: "batch", 1: "sequence"},
-        "attention_mask": {0: "batch", 1: "total_sequence"},
-        "position_ids": {0: "batch", 1: "sequence"},
-        "logits": {0: "batch"},
-        **{name: {0: "batch", 2: "past_sequence"} for name in past_names(kv_cache)},
-        **{name: {0: "batch", 2: "sequence"} for name in new_names(kv_cache)},
-    }
-    export_onnx(
-        decoder,
-        (embeds, mask, positions, past),
-        work / "decoder.onnx",
-        ["inputs_embeds", "attention_mask", "position_ids", *past_names(kv_cache)],
-        ["logits", *new_names(kv_cache)],
-        axes,
-        external_data=ties_embeddings(model),
-    )
+    kv_cache = kv_cache_spec(text_config)
+    example = decoder_example(text_config.hidden_size, kv_cache, torch.float32, generator)
+    io = decoder_io(kv_cache)
+    export_onnx(decoder, example, work / "decoder.onnx", io.inputs, io.outputs, io.axes, external_data=ties_embeddings(model))
     record("decoder", verify.verify_decoder(work / "decoder.onnx", model, kv_cache, torch.float32))
     graphs["decoder"]["kv_cache"] = kv_cache
     return graphs, diffs
