@@ -1,10 +1,11 @@
 """The decoder with int8 activations into its weight MatMuls, for onnxruntime on the CPU (`decoder.int8.ort.onnx`).
 
 onnxruntime's dynamic quantization: each chosen MatMul's input is quantized to uint8 per run (DynamicQuantizeLinear,
-one scale per tensor), its weight to int8 per output channel, and the product runs as MatMulInteger (fused to
-DynamicQuantizeMatMul). Only the MatMuls named are touched, the ones reading weights: the mask, the softmax and the
-attention products stay fp32. The weights keep 7 bits (`reduce_range`): x86 CPUs without VNNI multiply uint8 by int8
-with a saturating 16-bit sum, which full-range int8 weights overflow (uint8 weights avoid it but run slower).
+one scale per tensor), its weight to int8 per output channel, and the product runs as MatMulInteger (onnxruntime
+fuses them into DynamicQuantizeMatMul, or MatMulIntegerToFloat where one input feeds several MatMuls). Only the
+MatMuls named are touched, the ones reading weights: the mask, the softmax and the attention products stay fp32.
+The weights keep 7 bits (`reduce_range`): x86 CPUs without VNNI multiply uint8 by int8 with a saturating 16-bit sum,
+which full-range int8 weights overflow (uint8 weights avoid it but run slower).
 """
 
 from __future__ import annotations
