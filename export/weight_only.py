@@ -23,8 +23,10 @@ from onnx import external_data_helper, helper, numpy_helper, version_converter
 from .int8_activations import write_int8_activations
 
 BITS = {"int8": 8, "int4": 4}
-INT4_BLOCK = 32
-OPSET = 21  # DequantizeLinear with INT4 weights and `block_size`
+# Rows per int4 block: NVIDIA's TensorRT quantization docs list block sizes 64 and 128 for INT4 weights, and onnxruntime
+# fuses blocks of 16 to 256 (powers of 2) into MatMulNBits.
+INT4_BLOCK = 128
+BLOCKED_OPSET = 21  # DequantizeLinear with INT4 weights and `block_size`; int8 per-channel needs only opset 13
 
 
 def weight_matmuls(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
@@ -76,9 +78,12 @@ def _dequantized_weights(model: onnx.ModelProto, base_dir: Path, bits: int) -> N
 def write_weight_only(reference: Path, target: Path, bits: int) -> Path:
     """Write the standard weight-only form of the decoder at `reference` to `target` (+ `<target>.data`).
 
-    The model's opset goes to `OPSET` through onnx's version converter (which adapts any operator whose meaning
-    changed; the decoder's ops only gained types); the weights are read one at a time."""
-    model = version_converter.convert_version(onnx.load(reference, load_external_data=False), OPSET)
+    For int4 the model's opset goes to `BLOCKED_OPSET` through onnx's version converter (which adapts any operator
+    whose meaning changed; the decoder's ops only gained types); int8 keeps the reference's opset, which TensorRT 10.3
+    parses. The weights are read one at a time."""
+    model = onnx.load(reference, load_external_data=False)
+    if bits == 4:
+        model = version_converter.convert_version(model, BLOCKED_OPSET)
     _dequantized_weights(model, reference.parent, bits)
     external_data_helper.load_external_data_for_model(model, str(reference.parent))
     onnx.save_model(model, target, save_as_external_data=True, all_tensors_to_one_file=True, location=f"{target.name}.data")

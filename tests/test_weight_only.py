@@ -20,11 +20,11 @@ from llava_rt.runtime.bundle import read_array
 # is a Llama too: its three bundles would add exports, not cases.
 SOURCES = ("mistral", "llama", "ov-tied")
 STANDARD = ("int8", "int4")
-# 4 bits leave 16 levels per block of 32 random (Gaussian, outlier-free) weights: each MatMul keeps a cosine of about
-# 0.99 and the errors add up over the layers on logits that are nearly flat for random weights (0.92-0.99 on these
-# decoders, 0.84 on the 24-layer Qwen2-0.5B shapes). The bound catches what breaks the weights (a wrong packing, sign
+# 4 bits leave 16 levels per block of 128 random (Gaussian, outlier-free) weights (a whole column on these tiny
+# decoders): each MatMul keeps a cosine of about 0.99 and the errors add up over the layers on logits that are nearly
+# flat for random weights (0.82-0.99 on these decoders). The bound catches what breaks the weights (a wrong packing, sign
 # or axis gives a cosine near 0), not the precision itself; int8 keeps 0.99.
-MIN_COSINE = {"int8": 0.99, "int8.ort": 0.99, "int4": 0.85}
+MIN_COSINE = {"int8": 0.99, "int8.ort": 0.99, "int4": 0.8}
 # onnxruntime fuses DequantizeLinear -> MatMul into MatMulNBits: int4 blocked since before 1.22, int8 in 1.32 (not 1.22).
 FUSED_INT8_SINCE = (1, 32)
 
@@ -94,7 +94,8 @@ def test_standard_forms_dequantize_every_weight_matmul(quantized):
     for precision in STANDARD:
         model = onnx.load(written[precision])
         graph = model.graph
-        assert {(entry.domain, entry.version) for entry in model.opset_import} == {("", 21)}
+        # int4 needs opset 21 (INT4, block_size); int8 per-channel stays at the reference's 18, which TensorRT 10.3 parses
+        assert {(entry.domain, entry.version) for entry in model.opset_import} == {("", 21 if precision == "int4" else 18)}
         assert {node.domain for node in graph.node} <= {"", "ai.onnx"}
         assert "QuantizeLinear" not in {node.op_type for node in graph.node}
         initializers = {tensor.name: tensor for tensor in graph.initializer}
