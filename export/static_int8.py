@@ -1,0 +1,251 @@
+"""Static int8 copies of the vision tower and projector: one calibration on image tiles, two Q/DQ forms of each graph.
+
+- `<graph>.int8.onnx`, for TensorRT (strongly typed networks take int8 only as explicit Q/DQ): symmetric int8, every
+  zero point 0, weights per output channel, activations per tensor, biases left in float, `ai.onnx` operators only.
+  onnxruntime's fused CPU kernels run it poorly (int8 x int8 saturates without VNNI): judge it in fake-quant.
+- `<graph>.int8.ort.onnx`, for onnxruntime on the CPU: uint8 activations and per-channel int8 weights reduced to 7 bits
+  (`reduce_range`), which the U8S8 kernels of CPUs without VNNI need to stay accurate.
+
+Only the inputs of MatMul, Conv and Gemm with constant weights are quantized: Q/DQ on LayerNormalization, Softmax or
+Add outputs (or on the MatMul outputs they read) destroys the features, and the attention MatMuls (activations times
+activations, about a tenth of the work) stay float: quantizing them too costs the TensorRT form most of its drift (at
+OneVision-0.5B's shapes, random weights: fake-quant cosine 0.99896 instead of 0.99975) and makes the onnxruntime form
+no faster. Ranges are the MinMax of the tensors over the calibration tiles, computed once and shared by both forms
+(the TensorRT form makes them symmetric).
+"""
+
+from __future__ import annotations
+
+import copy
+import heapq
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnxruntime.quantization import MinMaxCalibrater, QDQQuantizer, QuantType
+
+from .drift import graph_drift, open_graph, run_graph
+from .onnx_export import EXTERNAL_DATA_THRESHOLD
+
+GRAPHS = ("vision", "projector")
+QUANTIZED_OPS = ("MatMul", "Conv", "Gemm")
+
+
+@dataclass(frozen=True)
+class Int8Form:
+    """One int8 form of a graph: the file suffix, the activation type and the quantizer's options."""
+
+    suffix: str
+    activations: QuantType
+    reduce_range: bool
+    options: dict
+    fused: bool  # how its drift is measured: onnxruntime's fused kernels, or fake-quant
+
+
+# Weights symmetric; MatMul/Conv/Gemm outputs stay float (a Q/DQ there would feed the Add, LayerNorm... after them).
+COMMON_OPTIONS = {"WeightSymmetric": True, "OpTypesToExcludeOutputQuantization": list(QUANTIZED_OPS)}
+FORMS = {
+    "int8": Int8Form(
+        suffix=".int8.onnx",
+        activations=QuantType.QInt8,
+        reduce_range=False,
+        options={**COMMON_OPTIONS, "ActivationSymmetric": True, "QuantizeBias": False},  # TensorRT takes float biases
+        fused=False,
+    ),
+    "int8.ort": Int8Form(
+        suffix=".int8.ort.onnx", activations=QuantType.QUInt8, reduce_range=True, options=COMMON_OPTIONS, fused=True
+    ),
+}
+
+
+def _added_nodes_early(graph: onnx.GraphProto, original_outputs: set[str]) -> None:
+    """Reorder `graph`'s nodes so that each node producing none of `original_outputs` (one the calibrator added) comes
+    as soon as its inputs exist, the original nodes keeping their order (a topological sort by that priority)."""
+    nodes = list(graph.node)
+    producers = {name for node in nodes for name in node.output}
+    waiting = [len({name for name in node.input if name in producers}) for node in nodes]
+    readers: dict[str, list[int]] = {}
+    for index, node in enumerate(nodes):
+        for name in {name for name in node.input if name in producers}:
+            readers.setdefault(name, []).append(index)
+
+    def priority(index: int) -> tuple[bool, int]:
+        return bool(set(nodes[index].output) & original_outputs), index
+
+    ready = [priority(index) for index, count in enumerate(waiting) if count == 0]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        index = heapq.heappop(ready)[1]
+        order.append(nodes[index])
+        for name in nodes[index].output:
+            for reader in readers.get(name, []):
+                waiting[reader] -= 1
+                if waiting[reader] == 0:
+                    heapq.heappush(ready, priority(reader))
+    del graph.node[:]
+    graph.node.extend(order)
+
+
+class _LowMemoryCalibrater(MinMaxCalibrater):
+    """onnxruntime's MinMax calibrator, changed in two places so that a run frees each activation once it is reduced.
+
+    The calibrator adds a ReduceMin and a ReduceMax (each with a Reshape) per calibrated tensor, as graph outputs. With
+    onnxruntime's DEFAULT execution order those reductions run late and a run keeps nearly every activation alive:
+    one tile of the real SigLIP tower peaks at 10.4 GB. PRIORITY_BASED order runs ready nodes lowest index first, so it
+    helps only when the reductions come early in the node list: onnxruntime >= 1.23 inserts them before each tensor's
+    first reader, 1.22 appends them at the end. `augment_graph` therefore moves them right after their producers (the
+    saved graph only; its weights file is left as written) and `create_inference_session`, where the calibrator builds
+    its only session, sets the order: 3.9 GB, the same ranges.
+    """
+
+    def augment_graph(self):
+        original_outputs = {name for node in self.model.graph.node for name in node.output}
+        super().augment_graph()
+        augmented = onnx.load(self.augmented_model_path, load_external_data=False)
+        _added_nodes_early(augmented.graph, original_outputs)
+        onnx.save(augmented, self.augmented_model_path)
+
+    def create_inference_session(self):
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # as onnxruntime's own
+        options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
+        self.infer_session = ort.InferenceSession(self.augmented_model_path, options, providers=self.execution_providers)
+
+
+class _Feeds:
+    """A calibration data reader over a list of feeds (onnxruntime's reader protocol: `get_next` until None)."""
+
+    def __init__(self, feeds: Iterable[dict[str, np.ndarray]]):
+        self._feeds = iter(feeds)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._feeds, None)
+
+
+def _io_names(path: Path) -> tuple[str, str]:
+    """The single input and output names of a vision or projector graph."""
+    graph = onnx.load(path, load_external_data=False).graph
+    return graph.input[0].name, graph.output[0].name
+
+
+def _tile_feeds(name: str, inputs: np.ndarray) -> list[dict[str, np.ndarray]]:
+    """One feed per tile (a batch of one), so each run's memory stays that of one tile."""
+    return [{name: np.ascontiguousarray(inputs[i : i + 1])} for i in range(len(inputs))]
+
+
+def calibrate(path: Path, feeds: list[dict[str, np.ndarray]]):
+    """MinMax ranges (onnxruntime `TensorsData`) of the tensors MatMul, Conv and Gemm read or write, over `feeds`."""
+    with tempfile.TemporaryDirectory(prefix="llava-rt-calibration-") as scratch:
+        calibrator = _LowMemoryCalibrater(
+            path, list(QUANTIZED_OPS), str(Path(scratch) / "augmented.onnx"), use_external_data_format=True
+        )
+        calibrator.augment_graph()
+        calibrator.create_inference_session()
+        for feed in feeds:  # one feed per call: collected outputs are reduced to ranges after each (1.22 keeps them)
+            calibrator.collect_data(_Feeds([feed]))
+        ranges = calibrator.compute_data()
+        del calibrator  # closes the session before its files are removed
+    return ranges
+
+
+def _keep_used_opsets(model: onnx.ModelProto) -> None:
+    """Drop opset imports of domains no node uses (the TensorRT form must import `ai.onnx` only)."""
+    used = {node.domain for node in model.graph.node} | {""}
+    kept = [opset for opset in model.opset_import if opset.domain in used]
+    del model.opset_import[:]
+    model.opset_import.extend(kept)
+
+
+def _float_for_other_readers(model: onnx.ModelProto) -> None:
+    """The quantizer points every reader of a quantized activation at its DequantizeLinear (a Shape reading the
+    pixels, say); point those that are not MatMul, Conv or Gemm back at the float tensor, so only these read int8."""
+    quantized = {node.output[0]: node.input[0] for node in model.graph.node if node.op_type == "QuantizeLinear"}
+    floats = {
+        node.output[0]: quantized[node.input[0]]
+        for node in model.graph.node
+        if node.op_type == "DequantizeLinear" and node.input[0] in quantized
+    }
+    for node in model.graph.node:
+        if node.op_type not in (*QUANTIZED_OPS, "QuantizeLinear", "DequantizeLinear"):
+            node.input[:] = [floats.get(name, name) for name in node.input]
+
+
+def weighted_nodes(graph: onnx.GraphProto) -> list[str]:
+    """Names of the MatMul, Conv and Gemm nodes whose second input (the weights) is a constant."""
+    constants = {tensor.name for tensor in graph.initializer}
+    return [node.name for node in graph.node if node.op_type in QUANTIZED_OPS and node.input[1] in constants]
+
+
+def quantize(path: Path, ranges, form: Int8Form) -> Path:
+    """Write `form` of the fp32 graph at `path` next to it, from calibrated `ranges`; returns the new file's path."""
+    # The quantizer finds float tensors by their value_info; shapes are inferred before the weights are read, uncopied.
+    model = onnx.shape_inference.infer_shapes(onnx.load(path, load_external_data=False))
+    onnx.load_external_data_for_model(model, str(path.parent))
+    quantizer = QDQQuantizer(
+        model,
+        per_channel=True,
+        reduce_range=form.reduce_range,
+        weight_qType=QuantType.QInt8,
+        activation_qType=form.activations,
+        tensors_range=copy.deepcopy(ranges),  # the quantizer may adjust ranges in place; the other form needs them as is
+        nodes_to_quantize=weighted_nodes(model.graph),
+        nodes_to_exclude=[],
+        op_types_to_quantize=list(QUANTIZED_OPS),
+        extra_options=form.options,
+    )
+    quantized = quantizer.quantize_model()
+    _float_for_other_readers(quantized)
+    _keep_used_opsets(quantized)
+    target = path.with_name(path.stem + form.suffix)
+    large = quantized.ByteSize() > EXTERNAL_DATA_THRESHOLD
+    quantizer.model.save_model_to_file(str(target), use_external_data_format=large)  # sorts nodes; data in <file>.data
+    return target
+
+
+def _projector_inputs(work: Path, tiles: np.ndarray) -> np.ndarray:
+    """The fp32 vision graph's features of `tiles`, computed tile by tile: what the projector is calibrated on."""
+    session = open_graph(work / "vision.onnx")
+    name, output = _io_names(work / "vision.onnx")
+    return np.concatenate([run_graph(session, feed, output) for feed in _tile_feeds(name, tiles)])
+
+
+def graph_inputs(work: Path, graph: str, tiles: np.ndarray) -> list[dict[str, np.ndarray]]:
+    """Feeds of `graph` for `tiles`, one per tile: the tiles for vision, their fp32 vision features for the projector."""
+    inputs = tiles if graph == "vision" else _projector_inputs(work, tiles)
+    return _tile_feeds(_io_names(work / f"{graph}.onnx")[0], inputs)
+
+
+def quantize_vision_graphs(
+    work: Path, tiles: np.ndarray, log: Callable[[str], None], graphs: Iterable[str] = GRAPHS
+) -> dict[str, dict[str, Path]]:
+    """Calibrate each of `graphs` present in `work` as `<graph>.onnx` once on `tiles` (`calibration_tiles`), then
+    write both int8 forms next to it; returns `{graph: {form name: path}}` (form names are the keys of `FORMS`)."""
+    written = {}
+    for graph in graphs:
+        path = work / f"{graph}.onnx"
+        if not path.is_file():
+            continue
+        started = time.perf_counter()
+        ranges = calibrate(path, graph_inputs(work, graph, tiles))
+        written[graph] = {name: quantize(path, ranges, form) for name, form in FORMS.items()}
+        seconds = time.perf_counter() - started
+        log(f"  {graph}: calibrated on {len(tiles)} tiles, int8 for TensorRT and onnxruntime written in {seconds:.0f}s")
+    return written
+
+
+def int8_drift(work: Path, written: dict[str, dict[str, Path]], tiles: np.ndarray) -> dict[str, dict[str, dict]]:
+    """Drift of each written int8 file from its fp32 graph on `tiles` (see `drift.graph_drift`): the TensorRT form in
+    fake-quant, the onnxruntime form with its fused kernels. Returns `{graph: {form name: drift}}`."""
+    drift = {}
+    for graph, files in written.items():
+        reference = work / f"{graph}.onnx"
+        feeds = graph_inputs(work, graph, tiles)
+        output = _io_names(reference)[1]
+        drift[graph] = {name: graph_drift(reference, path, feeds, output, FORMS[name].fused) for name, path in files.items()}
+    return drift
