@@ -244,7 +244,7 @@ def test_an_unusable_config_value_fails_naming_its_file_and_key_before_the_model
     _edit_json(checkpoint / file, changes, section)
     code = main(["--checkpoint", str(checkpoint), "--out", str(tmp_path / "b")])
     stderr = capsys.readouterr().err
-    assert code == 2 and "[1/5] loading" not in stderr
+    assert code == 2 and "[1/6] loading" not in stderr
     assert_one_line_error(subprocess.CompletedProcess([], code, "", stderr), "llava-export", fragment)
     assert not (tmp_path / "b").exists() and leftovers(tmp_path) == []
 
@@ -256,7 +256,7 @@ def test_a_bundle_the_runtime_would_refuse_is_not_written(copy, tmp_path):
     result = run("llava_rt.export.cli", "--checkpoint", str(copy), "--out", str(tmp_path / "b"))
     assert result.returncode == 2 and "Traceback" not in result.stderr
     *stages, error = result.stderr.splitlines()
-    assert [line[:6] for line in stages if line.startswith("[")] == [f"[{k}/5] " for k in range(1, 6)], stages
+    assert [line[:6] for line in stages if line.startswith("[")] == [f"[{k}/6] " for k in range(1, 7)], stages
     assert error == (
         "llava-export: error: the runtime would refuse this bundle: invalid manifest.json at $.tokens.eos_token_ids: "
         "[4000] is not below the vocabulary size 400"
@@ -288,7 +288,7 @@ def test_a_missing_or_misshapen_tensor_fails_naming_it(copy, tmp_path, edit, fra
     _edit_tensors(copy, edit)
     result = run("llava_rt.export.cli", "--checkpoint", str(copy), "--out", str(tmp_path / "b"))
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert [line[:6] for line in result.stderr.splitlines()] == ["[1/5] ", "llava-"]
+    assert [line[:6] for line in result.stderr.splitlines()] == ["[1/6] ", "llava-"]
     assert result.stderr.splitlines()[1].startswith("llava-export: error: checkpoint ") and fragment in result.stderr
     assert not (tmp_path / "b").exists() and leftovers(tmp_path) == []
 
