@@ -24,8 +24,6 @@ DRIFT_TILES = 8  # tiles (of the calibration or built-in images) each vision-sid
 DRIFT_NEW_TOKENS = 32
 DRIFT_PROMPT = "Describe this image."
 SHOWN_FINDINGS = 3  # TensorRT findings the export prints per version (the manifest records them all)
-# What each one-input graph reads, and which graph's fp32 output it reads it from.
-_GRAPH_INPUTS = {"vision": "pixel_values", "projector": "image_features", "video_pool": "image_features"}
 
 
 def variant_stages(precisions: Sequence[str]) -> list[str]:
@@ -108,8 +106,9 @@ def add_variants(
 def _record_graph_drift(work: Path, manifest: dict[str, Any], tiles: np.ndarray, log: Callable[[str], None]) -> None:
     """Each variant's drift from its fp32 graph: vision-side graphs on image tiles (Q/DQ standard forms in fake-quant,
     as TensorRT computes them), the decoder on fixed prompts (last-token logits)."""
+    from .static_int8 import graph_inputs
+
     graphs = manifest["graphs"]
-    features = graph_drift_inputs(work, tiles)
     embed = read_array(work, manifest["arrays"]["embed_tokens"])
     for graph, key, entry in graph_variants(manifest):
         if key == "fp32":
@@ -123,23 +122,12 @@ def _record_graph_drift(work: Path, manifest: dict[str, Any], tiles: np.ndarray,
             )
             continue
         fused = not (entry["precision"] == "int8" and entry["form"] == "standard")
-        feeds = [{_GRAPH_INPUTS[graph]: sample} for sample in features[_GRAPH_INPUTS[graph]]]
         output = entry["outputs"][0]["name"]
-        entry["drift"] = drift = graph_drift(reference, variant, feeds, output, fused=fused)
+        entry["drift"] = drift = graph_drift(reference, variant, graph_inputs(work, graph, tiles), output, fused=fused)
         log(
             f"  {graph} {key}: cosine {drift['cosine']:.5f} (worst token {drift['min_cosine']:.5f}), "
             f"max abs diff {drift['max_abs_diff']:.2e} on {drift['samples']} tiles ({drift['run']})"
         )
-
-
-def graph_drift_inputs(work: Path, tiles: np.ndarray) -> dict[str, list[np.ndarray]]:
-    """The samples each vision-side graph is compared on: the tiles one at a time, and the fp32 vision features of
-    those tiles (what the projector and the video pooling read)."""
-    from .drift import open_graph, run_graph
-
-    vision = open_graph(work / "vision.onnx")
-    pixels = [tiles[i : i + 1] for i in range(len(tiles))]
-    return {"pixel_values": pixels, "image_features": [run_graph(vision, {"pixel_values": p}, "image_features") for p in pixels]}
 
 
 def _drift_images() -> list[Any]:
