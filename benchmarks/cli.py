@@ -5,20 +5,24 @@
 Builds the checkpoint (a preset at its true shapes with random weights) and exports one bundle holding every
 asked precision, both cached under `--workdir`. The sides: transformers (the reference), llava-rt per precision
 in the runtime's default form on the CPU, and in the standard (TensorRT) form too where that runs other
-variants. Warms every side up, then runs them alternately `--repeats` times; peak memory is measured with each
-side alone in a fresh process. Prints a Markdown table of medians with their spread and the llava-rt /
-transformers ratios, and the drift from fp32 the export recorded; `--json` and `--chart` save them.
+variants. Per repeat each side in turn is loaded, warmed up, measured and freed (the order alternates); peak
+memory is measured with each side alone in a fresh process. Prints a Markdown table of medians with their spread
+and the llava-rt / transformers ratios, and the drift from fp32 the export recorded; `--json` and `--chart` save
+them.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import hashlib
 import json
 import os
 import platform
 import subprocess
 import sys
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +33,7 @@ from ..runtime.chat import user_turn
 from ..runtime.console import add_standard_options, run_command, say
 from ..runtime.errors import LlavaRtError
 from ..runtime.manifest_schema import PRECISIONS
+from ..runtime.pipeline import Pipeline
 from ..runtime.precision import bundle_precisions
 from .drift import bundle_drift
 from .machine import measure_bandwidth
@@ -116,33 +121,41 @@ def _peak_memory(name: str, choice: BundleChoice | None, path: Path, request_fil
     return json.loads(done.stdout.strip().splitlines()[-1])["peak_rss_bytes"]
 
 
+def _measure(sides: dict[str, Callable[[], Any]], request: Request, args) -> tuple[dict[str, list], dict[str, int]]:
+    """Each side's `--repeats` measured runs and its weight bytes per token. One side is in memory at a time (all of
+    them at once would not fit beside each other at real sizes): per repeat, each side in turn is loaded, warmed up
+    `--warmup` times, measured once and freed; the order alternates between repeats."""
+    measured: dict[str, list] = {name: [] for name in sides}
+    weight_bytes = {}
+    for repeat in range(args.repeats):
+        for name in list(sides) if repeat % 2 == 0 else reversed(sides):
+            say(f"repeat {repeat + 1}/{args.repeats}: {name}")
+            side = sides[name]()
+            for _ in range(args.warmup):
+                side.run(request)
+            measured[name].append(side.run(request))
+            weight_bytes[name] = side.weight_bytes_per_token
+            del side
+            gc.collect()  # freed before the next side loads, reference cycles included
+    return measured, weight_bytes
+
+
 def run_benchmark(args) -> dict[str, Any]:
     """Everything `llava-bench` measures, as one JSON-ready dict."""
     checkpoint, root, label = _checkpoint(args)
     bundle, manifest = _bundle(checkpoint, root, args.precision)
     choices = bundle_choices(manifest, args.precision)
-    say(f"loading the sides ({args.threads} threads)")
-    sides = [TransformersSide(checkpoint, args.threads)]
-    sides += [BundleSide(bundle, args.threads, choice) for choice in choices]
-    request, input_tokens = _request(sides[1].pipeline, args)
-    for side in sides:
-        say(f"warming up {side.name}")
-        for _ in range(args.warmup):
-            side.run(request)
-    measured: dict[str, list] = {side.name: [] for side in sides}
-    for repeat in range(args.repeats):
-        say(f"repeat {repeat + 1}/{args.repeats}")
-        for side in sides if repeat % 2 == 0 else reversed(sides):  # alternate, and alternate who goes first
-            measured[side.name].append(side.run(request))
+    request, input_tokens = _request(Pipeline.load(bundle, threads=args.threads), args)
+    sides = {REFERENCE: partial(TransformersSide, checkpoint, args.threads)}
+    sides |= {choice.name: partial(BundleSide, bundle, args.threads, choice) for choice in choices}
+    measured, weight_bytes = _measure(sides, request, args)
     bandwidth = measure_bandwidth(args.threads)
     results: dict[str, dict[str, Any]] = {}
-    for side in sides:
-        runs = measured[side.name]
+    for name, runs in measured.items():
         entry = {key: summarize([getattr(r, key) for r in runs]) for key in runs[0].__dataclass_fields__}
-        entry["weight_bytes_per_token"] = side.weight_bytes_per_token
-        entry["roofline_fraction"] = summarize([r.decode_tokens_per_s * side.weight_bytes_per_token / bandwidth for r in runs])
-        results[side.name] = entry
-    del sides, side  # free both sides before the memory runs start their own copies
+        entry["weight_bytes_per_token"] = weight_bytes[name]
+        entry["roofline_fraction"] = summarize([r.decode_tokens_per_s * weight_bytes[name] / bandwidth for r in runs])
+        results[name] = entry
     if args.memory:
         request_file = root / "request.json"
         spec = {"prompt": request.prompt, "image_size": args.image_size, "new_tokens": args.new_tokens}
@@ -188,7 +201,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--new-tokens", type=int, default=128, help="tokens generated, EOS ignored (default 128)")
     parser.add_argument("--threads", type=int, default=2, help="threads for both sides (default 2)")
     parser.add_argument("--repeats", type=int, default=3, help="measured runs per side (default 3)")
-    parser.add_argument("--warmup", type=int, default=1, help="unmeasured runs per side first (default 1)")
+    parser.add_argument("--warmup", type=int, default=1, help="unmeasured runs after each load of a side (default 1)")
     parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR, help="cache of checkpoints and bundles")
     parser.add_argument("--json", type=Path, help="write every figure and ratio here")
     parser.add_argument("--chart", type=Path, help="write a PNG chart of the ratios here")
