@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+from functools import partial
 
 import pytest
 from PIL import Image
 
 import llava_rt.export.exporter
 from conftest import assert_one_line_error, run
-from llava_rt.benchmarks.cli import _bundle, main
+from llava_rt.benchmarks.cli import _bundle, _measure, main
 from llava_rt.benchmarks.presets import PRESETS
 from llava_rt.benchmarks.report import DRIFT_NOTES, METRICS, TENSORRT_NOTE, figure, ratios, summarize
 from llava_rt.export.staging import COMPLETE_MARK, built_once
@@ -102,6 +104,30 @@ def test_the_cached_bundle_is_reused_only_with_the_current_format_and_every_aske
     assert path == tmp_path / "bundle"
     assert calls == ([] if exported is None else [exported])
     assert got == (manifest if exported is None else {"exported": True})
+
+
+def test_sides_are_measured_one_in_memory_at_a_time_in_alternating_order():
+    alive, events = set(), []
+
+    class FakeSide:
+        def __init__(self, name):
+            assert not alive, f"{name} loaded while {alive} still in memory"
+            self.name, self.weight_bytes_per_token = name, len(name)
+            alive.add(name)
+
+        def run(self, request):
+            events.append(self.name)
+            return request
+
+        def __del__(self):
+            alive.discard(self.name)
+
+    sides = {name: partial(FakeSide, name) for name in ("transformers", "llava-rt fp32", "llava-rt int8")}
+    measured, weight_bytes = _measure(sides, "request", argparse.Namespace(repeats=2, warmup=1))
+    assert measured == dict.fromkeys(sides, ["request", "request"])
+    assert weight_bytes == {name: len(name) for name in sides}
+    order = [*sides, *reversed(sides)]
+    assert events == [name for name in order for _ in range(2)]  # each load: one warm-up, one measured run
 
 
 def test_presets_name_the_real_architectures():
