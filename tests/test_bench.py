@@ -111,8 +111,8 @@ def test_sides_are_measured_one_in_memory_at_a_time_in_alternating_order():
 
     class FakeSide:
         def __init__(self, name):
-            assert not alive, f"{name} loaded while {alive} still in memory"
             self.name, self.weight_bytes_per_token = name, len(name)
+            assert not alive, f"{name} loaded while {alive} still in memory"
             alive.add(name)
 
         def run(self, request):
