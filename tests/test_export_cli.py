@@ -404,5 +404,5 @@ def test_demo_prints_only_its_own_lines(tmp_path):
     assert result.returncode == 0, result.stderr
     lines = result.stderr.splitlines()
     assert lines[0].startswith("building a tiny random-weight") and lines[-1].startswith("wrote ")
-    assert all(re.match(r"\[\d/5\] |  \w", line) for line in lines[1:-1]), lines
+    assert all(re.match(r"\[\d/6\] |  \w", line) for line in lines[1:-1]), lines
     assert "answer:" in result.stdout
