@@ -54,11 +54,19 @@ def compare_outputs(reference: list[np.ndarray], variant: list[np.ndarray]) -> d
     }
 
 
-def graph_drift(reference: Path, variant: Path, feeds: list[dict[str, np.ndarray]], output: str, fused: bool = True) -> dict:
-    """Drift of `variant`'s `output` from `reference`'s over `feeds` (see `compare_outputs`), and how it was run."""
-    sessions = open_graph(reference), open_graph(variant, fused)
-    outputs = [[run_graph(session, feed, output) for feed in feeds] for session in sessions]
-    return {**compare_outputs(*outputs), "samples": len(feeds), "run": "onnxruntime" if fused else "fake-quant"}
+def graph_outputs(path: Path, feeds: list[dict[str, np.ndarray]], output: str, fused: bool = True) -> list[np.ndarray]:
+    """One output of the graph at `path` for each of `feeds` (`fused=False`: fake-quant, see `open_graph`)."""
+    session = open_graph(path, fused)
+    return [run_graph(session, feed, output) for feed in feeds]
+
+
+def graph_drift(
+    references: list[np.ndarray], variant: Path, feeds: list[dict[str, np.ndarray]], output: str, fused: bool = True
+) -> dict:
+    """Drift of `variant`'s `output` over `feeds` from the fp32 graph's `references` (its outputs for the same feeds,
+    see `compare_outputs`), and how the variant was run."""
+    outputs = graph_outputs(variant, feeds, output, fused)
+    return {**compare_outputs(references, outputs), "samples": len(feeds), "run": "onnxruntime" if fused else "fake-quant"}
 
 
 def decoder_prompts(embed: np.ndarray, kv_cache: dict[str, int]) -> list[dict[str, np.ndarray]]:
@@ -80,7 +88,6 @@ def decoder_prompts(embed: np.ndarray, kv_cache: dict[str, int]) -> list[dict[st
 def decoder_drift(reference: Path, variant: Path, embed: np.ndarray, kv_cache: dict[str, int]) -> dict[str, Any]:
     """Last-token logits of both decoders on fixed prompts: cosine, max abs diff and greedy top-1 agreement."""
     prompts = decoder_prompts(embed, kv_cache)
-    sessions = open_graph(reference), open_graph(variant)
-    logits = [[run_graph(session, feed, "logits") for feed in prompts] for session in sessions]
+    logits = [graph_outputs(path, prompts, "logits") for path in (reference, variant)]
     agree = sum(int(r.argmax() == v.argmax()) for r, v in zip(*logits))
     return {**compare_outputs(*logits), "top1_agreement": agree / len(prompts), "prompts": len(prompts)}

@@ -29,7 +29,7 @@ import onnx
 import onnxruntime as ort
 from onnxruntime.quantization import MinMaxCalibrater, QDQQuantizer, QuantType
 
-from .drift import graph_drift, open_graph, run_graph
+from .drift import open_graph, run_graph
 from .onnx_export import EXTERNAL_DATA_THRESHOLD
 
 GRAPHS = ("vision", "projector")
@@ -134,11 +134,6 @@ def _io_names(path: Path) -> tuple[str, str]:
     return graph.input[0].name, graph.output[0].name
 
 
-def _tile_feeds(name: str, inputs: np.ndarray) -> list[dict[str, np.ndarray]]:
-    """One feed per tile (a batch of one), so each run's memory stays that of one tile."""
-    return [{name: np.ascontiguousarray(inputs[i : i + 1])} for i in range(len(inputs))]
-
-
 def calibrate(path: Path, feeds: list[dict[str, np.ndarray]]):
     """MinMax ranges (onnxruntime `TensorsData`) of the tensors MatMul, Conv and Gemm read or write, over `feeds`."""
     with tempfile.TemporaryDirectory(prefix="llava-rt-calibration-") as scratch:
@@ -208,44 +203,50 @@ def quantize(path: Path, ranges, form: Int8Form) -> Path:
     return target
 
 
-def _projector_inputs(work: Path, tiles: np.ndarray) -> np.ndarray:
-    """The fp32 vision graph's features of `tiles`, computed tile by tile: what the projector is calibrated on."""
-    session = open_graph(work / "vision.onnx")
-    name, output = _io_names(work / "vision.onnx")
-    return np.concatenate([run_graph(session, feed, output) for feed in _tile_feeds(name, tiles)])
+class TileInputs:
+    """Image tiles (`calibration.calibration_tiles`) and what the vision-side graphs read of them: the tiles for the
+    vision tower, their fp32 vision features for the projector (and video pool). fp32 outputs are computed tile by
+    tile (one tile's memory at a time) on first use and kept, so calibration and drift share one fp32 run."""
 
+    def __init__(self, work: Path, tiles: np.ndarray):
+        self.work, self.tiles = work, tiles
+        self._fp32_outputs: dict[str, list[np.ndarray]] = {}
 
-def graph_inputs(work: Path, graph: str, tiles: np.ndarray) -> list[dict[str, np.ndarray]]:
-    """Feeds of `graph` for `tiles`, one per tile: the tiles for vision, their fp32 vision features for the projector."""
-    inputs = tiles if graph == "vision" else _projector_inputs(work, tiles)
-    return _tile_feeds(_io_names(work / f"{graph}.onnx")[0], inputs)
+    def _count(self, count: int | None) -> int:
+        return len(self.tiles) if count is None else min(count, len(self.tiles))
+
+    def feeds(self, graph: str, count: int | None = None) -> list[dict[str, np.ndarray]]:
+        """`graph`'s feeds for the first `count` tiles (all by default), one tile (a batch of one) per feed."""
+        count = self._count(count)
+        name = _io_names(self.work / f"{graph}.onnx")[0]
+        if graph == "vision":
+            return [{name: np.ascontiguousarray(self.tiles[i : i + 1])} for i in range(count)]
+        return [{name: features} for features in self.fp32_outputs("vision", count)]
+
+    def fp32_outputs(self, graph: str, count: int | None = None) -> list[np.ndarray]:
+        """The fp32 graph `<graph>.onnx`'s output for each of the first `count` tiles."""
+        count = self._count(count)
+        done = self._fp32_outputs.setdefault(graph, [])
+        if len(done) < count:
+            path = self.work / f"{graph}.onnx"
+            session, output = open_graph(path), _io_names(path)[1]
+            done.extend(run_graph(session, feed, output) for feed in self.feeds(graph, count)[len(done) :])
+        return done[:count]
 
 
 def quantize_vision_graphs(
-    work: Path, tiles: np.ndarray, log: Callable[[str], None], graphs: Iterable[str] = GRAPHS
+    inputs: TileInputs, log: Callable[[str], None], graphs: Iterable[str] = GRAPHS
 ) -> dict[str, dict[str, Path]]:
-    """Calibrate each of `graphs` present in `work` as `<graph>.onnx` once on `tiles` (`calibration_tiles`), then
-    write both int8 forms next to it; returns `{graph: {form name: path}}` (form names are the keys of `FORMS`)."""
+    """Calibrate each of `graphs` present as `<graph>.onnx` in the directory of `inputs` once on its tiles, then write
+    both int8 forms next to it; returns `{graph: {form name: path}}` (form names are the keys of `FORMS`)."""
     written = {}
     for graph in graphs:
-        path = work / f"{graph}.onnx"
+        path = inputs.work / f"{graph}.onnx"
         if not path.is_file():
             continue
         started = time.perf_counter()
-        ranges = calibrate(path, graph_inputs(work, graph, tiles))
+        ranges = calibrate(path, inputs.feeds(graph))
         written[graph] = {name: quantize(path, ranges, form) for name, form in FORMS.items()}
         seconds = time.perf_counter() - started
-        log(f"  {graph}: calibrated on {len(tiles)} tiles, int8 for TensorRT and onnxruntime written in {seconds:.0f}s")
+        log(f"  {graph}: calibrated on {len(inputs.tiles)} tiles, int8 for TensorRT and onnxruntime written in {seconds:.0f}s")
     return written
-
-
-def int8_drift(work: Path, written: dict[str, dict[str, Path]], tiles: np.ndarray) -> dict[str, dict[str, dict]]:
-    """Drift of each written int8 file from its fp32 graph on `tiles` (see `drift.graph_drift`): the TensorRT form in
-    fake-quant, the onnxruntime form with its fused kernels. Returns `{graph: {form name: drift}}`."""
-    drift = {}
-    for graph, files in written.items():
-        reference = work / f"{graph}.onnx"
-        feeds = graph_inputs(work, graph, tiles)
-        output = _io_names(reference)[1]
-        drift[graph] = {name: graph_drift(reference, path, feeds, output, FORMS[name].fused) for name, path in files.items()}
-    return drift

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -19,6 +19,9 @@ from ..runtime.manifest_schema import graph_variants
 from ..runtime.pipeline import Pipeline
 from .drift import decoder_drift, graph_drift
 from .manifest import variant_entry
+
+if TYPE_CHECKING:
+    from .static_int8 import TileInputs
 
 DRIFT_TILES = 8  # tiles (of the calibration or built-in images) each vision-side variant is compared on
 DRIFT_NEW_TOKENS = 32
@@ -69,7 +72,7 @@ def add_variants(
     fp16 converts `model` to fp16 in place (no second copy of the weights); nothing after it needs the fp32 model."""
     written: dict[str, dict[str, Path]] = {}
     newline = np.load(work / "image_newline.npy")
-    tiles = None
+    inputs = None
     if "fp16" in precisions:
         from .fp16 import export_fp16_graphs
 
@@ -78,11 +81,11 @@ def add_variants(
             written.setdefault(graph, {})["fp16"] = path
     if "int8" in precisions:
         from .calibration import calibration_tiles
-        from .static_int8 import quantize_vision_graphs
+        from .static_int8 import TileInputs, quantize_vision_graphs
 
         next_stage()
-        tiles = calibration_tiles(manifest, newline, calibration, log)
-        for graph, paths in quantize_vision_graphs(work, tiles, log).items():
+        inputs = TileInputs(work, calibration_tiles(manifest, newline, calibration, log))
+        for graph, paths in quantize_vision_graphs(inputs, log).items():
             written.setdefault(graph, {}).update(paths)
     weight_only = [precision for precision in ("int8", "int4") if precision in precisions]
     if weight_only:
@@ -95,19 +98,19 @@ def add_variants(
         for key, path in paths.items():
             manifest["graphs"][graph]["variants"][key] = variant_entry(path, key)
     next_stage()
-    if tiles is None:
+    if inputs is None:
         from .calibration import calibration_tiles
+        from .static_int8 import TileInputs
 
-        tiles = calibration_tiles(manifest, newline, None, lambda message: None)
-    _record_graph_drift(work, manifest, tiles[:DRIFT_TILES], log)
+        inputs = TileInputs(work, calibration_tiles(manifest, newline, None, lambda message: None))
+    _record_graph_drift(work, manifest, inputs, log)
     _record_pipeline_drift(work, manifest, precisions, log)
 
 
-def _record_graph_drift(work: Path, manifest: dict[str, Any], tiles: np.ndarray, log: Callable[[str], None]) -> None:
-    """Each variant's drift from its fp32 graph: vision-side graphs on image tiles (Q/DQ standard forms in fake-quant,
-    as TensorRT computes them), the decoder on fixed prompts (last-token logits)."""
-    from .static_int8 import graph_inputs
-
+def _record_graph_drift(work: Path, manifest: dict[str, Any], inputs: TileInputs, log: Callable[[str], None]) -> None:
+    """Each variant's drift from its fp32 graph: vision-side graphs on the first `DRIFT_TILES` tiles of `inputs`
+    (`static_int8.TileInputs`; Q/DQ standard forms in fake-quant, as TensorRT computes them), the decoder on fixed
+    prompts (last-token logits)."""
     graphs = manifest["graphs"]
     embed = read_array(work, manifest["arrays"]["embed_tokens"])
     for graph, key, entry in graph_variants(manifest):
@@ -123,7 +126,8 @@ def _record_graph_drift(work: Path, manifest: dict[str, Any], tiles: np.ndarray,
             continue
         fused = not (entry["precision"] == "int8" and entry["form"] == "standard")
         output = entry["outputs"][0]["name"]
-        entry["drift"] = drift = graph_drift(reference, variant, graph_inputs(work, graph, tiles), output, fused=fused)
+        references = inputs.fp32_outputs(graph, DRIFT_TILES)
+        entry["drift"] = drift = graph_drift(references, variant, inputs.feeds(graph, DRIFT_TILES), output, fused=fused)
         log(
             f"  {graph} {key}: cosine {drift['cosine']:.5f} (worst token {drift['min_cosine']:.5f}), "
             f"max abs diff {drift['max_abs_diff']:.2e} on {drift['samples']} tiles ({drift['run']})"

@@ -12,8 +12,8 @@ from onnx import numpy_helper
 
 from conftest import random_image
 from llava_rt.export.calibration import MAX_TILES, MAX_TILES_PER_IMAGE, calibration_tiles
-from llava_rt.export.drift import open_graph, run_graph
-from llava_rt.export.static_int8 import FORMS, QUANTIZED_OPS, int8_drift, quantize_vision_graphs
+from llava_rt.export.drift import graph_drift, open_graph, run_graph
+from llava_rt.export.static_int8 import FORMS, QUANTIZED_OPS, TileInputs, quantize_vision_graphs
 from llava_rt.runtime import ExportError
 
 FAMILIES = ("next", "onevision", "next_video")
@@ -34,10 +34,18 @@ def quantized(variants, onevision, next_video, tmp_path_factory):
         for name in ("vision.onnx", "projector.onnx"):
             shutil.copyfile(bundle / name, work / name)
         log = []
-        tiles = calibration_tiles(*_bundle_inputs(bundle), None, log.append)
-        written = quantize_vision_graphs(work, tiles, log.append)
-        results[family] = dict(work=work, tiles=tiles, written=written, drift=int8_drift(work, written, tiles), log=log)
+        inputs = TileInputs(work, calibration_tiles(*_bundle_inputs(bundle), None, log.append))
+        written = quantize_vision_graphs(inputs, log.append)
+        drift = {graph: _drift(inputs, graph, files) for graph, files in written.items()}
+        results[family] = dict(work=work, tiles=inputs.tiles, written=written, drift=drift, log=log)
     return results
+
+
+def _drift(inputs, graph, files):
+    """Each form's drift on every tile: the TensorRT form in fake-quant, the onnxruntime form fused."""
+    references, feeds = inputs.fp32_outputs(graph), inputs.feeds(graph)
+    output = onnx.load(inputs.work / f"{graph}.onnx").graph.output[0].name
+    return {form: graph_drift(references, path, feeds, output, FORMS[form].fused) for form, path in files.items()}
 
 
 @pytest.fixture(params=FAMILIES)
@@ -162,6 +170,22 @@ def _write_images(directory, sizes):
     directory.mkdir(parents=True, exist_ok=True)
     for i, (height, width) in enumerate(sizes):
         random_image(height, width, seed=i).save(directory / f"image{i}.png")
+
+
+def test_tile_inputs_run_fp32_vision_once_per_tile(onevision, tmp_path):
+    bundle = onevision["ov"].bundle
+    for name in ("vision.onnx", "projector.onnx"):
+        shutil.copyfile(bundle / name, tmp_path / name)
+    tiles = calibration_tiles(*_bundle_inputs(bundle), None, lambda message: None)
+    inputs = TileInputs(tmp_path, tiles)
+    first = inputs.feeds("projector", 2)
+    assert [feed["image_features"].shape[0] for feed in first] == [1, 1]
+    everything = inputs.feeds("projector")
+    assert len(everything) == len(tiles) and all(a["image_features"] is b["image_features"] for a, b in zip(first, everything))
+    vision = open_graph(tmp_path / "vision.onnx")
+    expected = run_graph(vision, {"pixel_values": tiles[-1:]}, "image_features")
+    np.testing.assert_array_equal(everything[-1]["image_features"], expected)
+    assert len(inputs.fp32_outputs("projector", 100)) == len(tiles)
 
 
 def test_calibration_directory_skips_unreadable_files_with_a_count(onevision, tmp_path):
