@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from ..runtime.backends import ORT_DTYPES
+from ..runtime.backends.onnxrt import ORT_DTYPES
 from ..runtime.kv_cache import KVCache
 
 DECODER_PROMPTS = 8

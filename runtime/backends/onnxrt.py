@@ -1,36 +1,15 @@
-"""Inference backends behind one small interface: named numpy inputs in, named numpy outputs out."""
+"""The onnxruntime backend: a graph run by an `onnxruntime.InferenceSession`."""
 
 from __future__ import annotations
 
-import os
 import re
-from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 
-from .errors import BackendUnavailable, BundleError, InputError
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """A graph input or output as the manifest describes it: name, numpy dtype name, dims (ints or axis names)."""
-
-    name: str
-    dtype: str
-    shape: tuple[int | str | None, ...]
-
-
-class Session(Protocol):
-    """A loaded graph."""
-
-    inputs: list[TensorSpec]
-    outputs: list[TensorSpec]
-
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
-
+from ..errors import BundleError
+from . import TensorSpec
 
 # onnxruntime's element type names -> numpy dtype names (the manifest's spelling).
 ORT_DTYPES = {
@@ -91,22 +70,3 @@ class OnnxRuntimeSession:
         except _run_errors() as exc:
             raise BundleError(f"onnxruntime failed to run {self.name}: {onnxruntime_message(exc)}") from None
         return dict(zip((o.name for o in self.outputs), values))
-
-
-BACKENDS = {"onnxruntime": OnnxRuntimeSession}
-
-
-def check_threads(threads: object) -> int | None:
-    """`threads` as given when it is None (the backend's default) or an int from 1 to the machine's CPU count;
-    else `InputError` (onnxruntime segfaults or hangs on absurd thread counts rather than refusing them)."""
-    cpus = os.cpu_count() or 1
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= cpus):
-        raise InputError(f"threads must be an integer from 1 to {cpus} (this machine's CPU count), got {threads!r}")
-    return threads
-
-
-def open_session(path: Path, backend: str = "onnxruntime", threads: int | None = None, **options) -> Session:
-    """Load a graph with the named backend."""
-    if backend not in BACKENDS:
-        raise BackendUnavailable(f"unknown backend {backend!r} (available: {', '.join(BACKENDS)})")
-    return BACKENDS[backend](path, threads=check_threads(threads), **options)
