@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from .backends import Session, TensorSpec, open_session
+from .backends import BackendConfig, Session, TensorSpec, open_session
 from .chat import ChatTemplate
 from .console import progress
 from .errors import BundleError, InputError
@@ -167,13 +167,15 @@ class Bundle:
             )
         return array
 
-    def session(self, graph: str, variant: str = "fp32", backend: str = "onnxruntime", threads: int | None = None) -> Session:
-        """A graph variant loaded by `backend`, refused unless its inputs and outputs are the ones the manifest
-        declares."""
+    def session(self, graph: str, variant: str = "fp32", config: BackendConfig = BackendConfig()) -> Session:
+        """A graph variant loaded as `config` says, refused unless its inputs and outputs are the ones the manifest
+        declares. Engines a backend compiles on first use (onnxruntime's TensorRT provider) are cached in
+        `engines/<backend>-<device>/` of the bundle."""
         entry = self.variant(graph, variant)
         if entry.get("external_data"):
             self.file(entry["external_data"])  # onnxruntime opens it itself
-        session = open_session(self.file(entry["file"]), backend, threads=threads)
+        engine_cache = self.path / "engines" / f"{config.backend}-{config.device}"
+        session = open_session(self.file(entry["file"]), config, precision=entry["precision"], engine_cache=engine_cache)
         for kind in ("inputs", "outputs"):
             mismatch = _io_mismatch(entry[kind], getattr(session, kind))
             if mismatch:

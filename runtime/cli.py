@@ -7,6 +7,7 @@ import json
 import sys
 import warnings
 
+from .backends import DEVICES
 from .console import add_standard_options, one_line, run_command, say
 from .errors import LlavaRtError
 from .image_processing import MAX_IMAGE_PIXELS
@@ -80,6 +81,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="run this form of each variant where the bundle has it: standard (what TensorRT builds) or onnxruntime's "
         "own (default: the backend's preferred form)",
+    )
+    parser.add_argument(
+        "--device",
+        choices=DEVICES,
+        default="cpu",
+        help="where the graphs run: the CPU, an NVIDIA GPU through onnxruntime's CUDA provider, or its TensorRT provider "
+        "(engines cached in the bundle's engines/ folder); cuda and tensorrt need onnxruntime-gpu and llava-rt[gpu]",
+    )
+    parser.add_argument(
+        "--provider-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an option for the device's onnxruntime provider, passed through (e.g. trt_fp16_enable=True); repeatable",
     )
     parser.add_argument(
         "--threads",
@@ -205,6 +220,7 @@ def _interactive_turn(session, text: str, images: list, videos: list, fields: di
 def _main(args) -> int:
     if args.prompt is None and not args.interactive:
         raise LlavaRtError("--prompt is required (or use --interactive)")
+    from .backends import parse_provider_options
     from .pipeline import Pipeline
     from .precision import bundle_precisions
     from .request import Request
@@ -222,6 +238,8 @@ def _main(args) -> int:
         max_image_pixels=args.max_image_pixels,
         precision=args.precision,
         form=args.form,
+        device=args.device,
+        provider_options=parse_provider_options(args.provider_option),
     )
     if bundle_precisions(pipeline.manifest) != ["fp32"]:  # a choice was made: say which
         say(f"llava-run: {pipeline.selection.describe()}")

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from .backends import Session
+from .backends import Session, to_host
 from .kv_cache import KVCache, new_names
 from .sampling import SearchOptions, choose_tokens, process_logits
 
@@ -20,6 +20,14 @@ class Generator:
     `max_new_tokens` tokens are generated, and never more than the context leaves (`max_length` minus the
     prompt, as transformers stops). After the prefill the cache is given room for every token the run may
     generate, so decode steps only write into it.
+
+    The decoder runs through a `Binding` on its device, the same loop on the CPU (numpy) and on a GPU (cupy): the
+    cache buffers are bound as the past (rebound only when they grow), each step's outputs go to arrays allocated
+    once after the prefill, and the new keys and values are written into the cache where it lives. Per step only
+    the embeddings, mask and positions go to the device, and only the chosen token ids come back (greedy search
+    takes the argmax on the device); sampling, the repetition penalty and a held-back EOS bring the last logits
+    to the host. Decode steps have fixed shapes and addresses within a run (the cache capacity is reserved after
+    the prefill), but the prefill shares the session, so CUDA graph capture is not used.
     """
 
     def __init__(
@@ -35,7 +43,11 @@ class Generator:
         max_new_tokens: int,
         max_length: int,
     ):
-        self.decoder, self.embed, self.options = decoder, embed, options
+        self.embed, self.options = embed, options
+        self.binding, self.xp = decoder.bind(), decoder.array_module
+        for output in decoder.outputs:  # the prefill's are allocated by the backend; the steps' once, after it
+            self.binding.output(output.name)
+        self.greedy = not options.do_sample and options.repetition_penalty == 1.0
         self.prompt_ids, self.max_length = prompt_ids, max_length
         room = max_length - attention_mask.shape[1]
         self.context_limited = max_new_tokens > room  # the context, not max_new_tokens, ends the run
@@ -69,6 +81,26 @@ class Generator:
         cached = self.cache.length
         return self.cache.feeds(self.attention_mask[:, :cached], self.attention_mask[:, cached:])
 
+    def _allocate_step_outputs(self, prefill: dict) -> None:
+        """Bind each decode step's outputs (last-token logits, one token's keys and values) to arrays of their own."""
+        for name, value in prefill.items():
+            shape = value.shape if name == "logits" else (*value.shape[:2], 1, *value.shape[3:])
+            self.binding.output(name, self.xp.empty(shape, dtype=value.dtype))
+
+    def _choose(self, logits) -> np.ndarray:
+        """Each row's next token (`[B]`) from the last-token logits, on the host."""
+        holding_eos = max(len(t) for t in self.tokens) < self.options.min_new_tokens
+        if self.greedy and not holding_eos:
+            return to_host(self.xp.argmax(logits, axis=-1)).astype(np.int64)
+        logits = to_host(logits)
+        histories = []  # only the repetition penalty reads them
+        if self.options.repetition_penalty != 1.0:
+            histories = [np.concatenate([ids, np.array(t, dtype=np.int64)]) for ids, t in zip(self.prompt_ids, self.tokens)]
+        if holding_eos:
+            logits = logits.copy()
+            logits[:, self.eos] = -np.inf
+        return choose_tokens(process_logits(logits, histories, self.options), self.options, self.rng)
+
     def finish(self, row: int) -> None:
         """Stop a row (a stop string appeared); its tokens so far are kept."""
         self.finished[row] = True
@@ -77,19 +109,14 @@ class Generator:
         """Run the decoder once and choose each row's next token; returns them (`[B]`, finished rows included)."""
         started = time.perf_counter()
         prefill = not any(self.tokens)
-        outputs = self.decoder.run(self._feeds)
+        for name, value in self._feeds.items():
+            self.binding.input(name, value)
+        outputs = self.binding.run()
         if prefill:
             self.cache.reserve(self.attention_mask.shape[1] + self.max_new_tokens)
+            self._allocate_step_outputs(outputs)
         self.cache.append({name: outputs[name] for name in new_names(self.cache.spec)})
-        histories = []  # only the repetition penalty reads them
-        if self.options.repetition_penalty != 1.0:
-            histories = [np.concatenate([ids, np.array(t, dtype=np.int64)]) for ids, t in zip(self.prompt_ids, self.tokens)]
-        logits = outputs["logits"]
-        if max(len(t) for t in self.tokens) < self.options.min_new_tokens:
-            logits = logits.copy()
-            logits[:, self.eos] = -np.inf
-        scores = process_logits(logits, histories, self.options)
-        next_tokens = choose_tokens(scores, self.options, self.rng)
+        next_tokens = self._choose(outputs["logits"])
         for row in np.flatnonzero(~self.finished):
             self.tokens[row].append(int(next_tokens[row]))
         self.finished |= np.isin(next_tokens, self.eos)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import ModuleType
+
 import numpy as np
 
 
@@ -21,13 +23,14 @@ class KVCache:
     The decoder graph takes the whole buffers as its past, with the slots past `length` masked out, and
     returns only the new tokens' keys and values, which `append` writes in place: a decode step copies
     one token's worth, never the cache. When a run outgrows the capacity, it doubles (an amortised copy).
-    `spec` is the manifest's `graphs.decoder.kv_cache` entry.
+    `spec` is the manifest's `graphs.decoder.kv_cache` entry. The buffers are arrays of `array_module`: numpy on
+    the host, or the decoder session's device arrays (cupy), where every write is a strided copy on the device.
     """
 
-    def __init__(self, spec: dict[str, int], batch: int, dtype, capacity: int = 0):
-        self.spec, self.length = spec, 0
+    def __init__(self, spec: dict[str, int], batch: int, dtype, capacity: int = 0, array_module: ModuleType = np):
+        self.spec, self.length, self.array_module = spec, 0, array_module
         shape = (batch, spec["num_kv_heads"], capacity, spec["head_dim"])
-        self.buffers = {name: np.zeros(shape, dtype=dtype) for name in past_names(spec)}
+        self.buffers = {name: array_module.zeros(shape, dtype=dtype) for name in past_names(spec)}
 
     @property
     def capacity(self) -> int:
@@ -38,7 +41,7 @@ class KVCache:
         if capacity <= self.capacity:
             return
         for name, buffer in self.buffers.items():
-            grown = np.zeros((*buffer.shape[:2], capacity, buffer.shape[3]), dtype=buffer.dtype)
+            grown = self.array_module.zeros((*buffer.shape[:2], capacity, buffer.shape[3]), dtype=buffer.dtype)
             grown[:, :, : self.length] = buffer[:, :, : self.length]
             self.buffers[name] = grown
 
@@ -55,8 +58,8 @@ class KVCache:
         """Forget every token after the first `length` (their slots are overwritten by the next ones)."""
         self.length = min(length, self.length)
 
-    def feeds(self, token_mask: np.ndarray, new_mask: np.ndarray) -> dict[str, np.ndarray]:
-        """The past inputs and the `attention_mask` of one decoder run.
+    def feeds(self, token_mask: np.ndarray, new_mask: np.ndarray) -> dict:
+        """The past inputs and the `attention_mask` (a host array) of one decoder run.
 
         `token_mask` (`[B, length]`) marks which cached tokens attend (0 on left padding); `new_mask`
         (`[B, S]`) the same for the tokens fed now. An empty cache is fed as zero-length pasts, so a

@@ -11,7 +11,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from .backends import check_threads
+from .backends import BackendConfig
 from .bundle import Bundle, load_bundle
 from .chat import normalize_messages, user_turn
 from .console import progress
@@ -75,15 +75,16 @@ class Pipeline:
         max_image_pixels: int = MAX_IMAGE_PIXELS,
         precision: str | None = None,
         form: str | None = None,
+        device: str = "cpu",
+        provider_options: dict[str, str] | None = None,
     ):
         manifest = bundle.manifest
         self.bundle = bundle
         self.manifest = manifest
+        self.config = BackendConfig(backend, device, threads, dict(provider_options or {}))
         self.selection = select_variants(manifest, precision, backend, form)
         logger.info("%s", self.selection.describe())
-        self.sessions = {
-            name: bundle.session(name, variant, backend, threads=threads) for name, variant in self.selection.variants.items()
-        }
+        self.sessions = {name: bundle.session(name, variant, self.config) for name, variant in self.selection.variants.items()}
         self.tokenizer = bundle.tokenizer()
         self.chat_template = bundle.chat_template()
         self.embed_tokens = bundle.array("embed_tokens")
@@ -107,6 +108,8 @@ class Pipeline:
         max_image_pixels: int = MAX_IMAGE_PIXELS,
         precision: str | None = None,
         form: str | None = None,
+        device: str = "cpu",
+        provider_options: dict[str, str] | None = None,
     ) -> "Pipeline":
         """Load a bundle directory. `verify`: "auto" re-hashes only the files changed since this user last verified
         them, "full" re-hashes every file (see `load_bundle`). `threads`: intra-op threads per graph (default: one
@@ -114,11 +117,13 @@ class Pipeline:
         may have (checked before decoding it). `precision` (fp32, fp16, int8, int4): the graph variants to run;
         default: the best the bundle has for the backend (`pipeline.selection` says which, also logged at INFO).
         `form` ("standard", "onnxruntime"): run that form of each variant where the bundle has it (default: the
-        backend's preferred form; onnxruntime's own on the CPU)."""
-        check_threads(threads)  # before the bundle is hashed
+        backend's preferred form; onnxruntime's own on the CPU). `device` ("cpu", "cuda", "tensorrt": onnxruntime's
+        TensorRT provider) and `provider_options` (passed to its provider, e.g. `{"trt_fp16_enable": "True"}`):
+        where the graphs run; the KV cache and each decode step stay there."""
+        BackendConfig(backend, device, threads, dict(provider_options or {}))  # checked before the bundle is hashed
         check_precision(precision)
         bundle = load_bundle(path, verify=verify)
-        return cls(bundle, backend, threads, max_image_pixels, precision=precision, form=form)
+        return cls(bundle, backend, threads, max_image_pixels, precision, form, device, provider_options)
 
     def input_dtype(self, graph: str, name: str) -> np.dtype:
         """The dtype the running variant of `graph` takes for its input `name`, as the manifest records it."""
@@ -355,10 +360,11 @@ class DecodingRun:
         embeds, mask = pipeline._inputs_embeds(self.requests, features)
         kv_cache = pipeline.manifest["graphs"]["decoder"]["kv_cache"]
         kv_dtype = pipeline.input_dtype("decoder", "past_key_values.0.key")
-        self.reused, cache = self.reuse or (0, KVCache(kv_cache, len(self.requests), kv_dtype))
+        decoder = pipeline.sessions["decoder"]
+        self.reused, cache = self.reuse or (0, KVCache(kv_cache, len(self.requests), kv_dtype, array_module=decoder.array_module))
         cache.truncate(self.reused)
         self.generator = generator = Generator(
-            pipeline.sessions["decoder"],
+            decoder,
             pipeline._embed,
             embeds[:, self.reused :],
             mask,

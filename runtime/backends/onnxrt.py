@@ -1,15 +1,17 @@
-"""The onnxruntime backend: a graph run by an `onnxruntime.InferenceSession`."""
+"""The onnxruntime backend: a graph run by an `onnxruntime.InferenceSession` on the CPU, or on an NVIDIA GPU through
+the CUDA or TensorRT execution provider (`onnxruntime-gpu`), with IO binding for arrays kept on the device."""
 
 from __future__ import annotations
 
 import re
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from ..errors import BundleError
-from . import TensorSpec
+from ..errors import BackendUnavailable, BundleError, InputError
+from . import BackendConfig, TensorSpec
 
 # onnxruntime's element type names -> numpy dtype names (the manifest's spelling).
 ORT_DTYPES = {
@@ -19,6 +21,11 @@ ORT_DTYPES = {
     "tensor(bool)": "bool",
     **{f"tensor({kind}{bits})": f"{kind}{bits}" for kind in ("int", "uint") for bits in (8, 16, 32, 64)},
 }
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
+GPU_PACKAGE = "the GPU build of onnxruntime: pip uninstall onnxruntime && pip install onnxruntime-gpu"
+# TensorRT builds a weakly typed network from the graph here: the precision flags let it use the kernels the graph
+# variant's dtypes ask for (a Q/DQ graph fails to build without the int8 flag). Passed options override these.
+TRT_PRECISION_FLAGS = {"fp16": {"trt_fp16_enable": "True"}, "int8": {"trt_int8_enable": "True"}}
 _ORT_PREFIX = re.compile(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ")
 
 
@@ -42,31 +49,193 @@ def _spec(value) -> TensorSpec:
     return TensorSpec(value.name, ORT_DTYPES.get(value.type, value.type), tuple(value.shape))
 
 
-class OnnxRuntimeSession:
-    """An ONNX graph run by onnxruntime (CPU unless other providers are asked for): every graph optimization,
-    sequential execution on `threads` intra-op threads (onnxruntime's default: one per physical core).
-    Errors while loading or running become `BundleError`s naming the graph."""
+def _cupy():
+    """cupy, the device arrays of the GPU path (see `CudaArrays`); `BackendUnavailable` naming it when missing."""
+    try:
+        import cupy
+    except ImportError:
+        raise BackendUnavailable("running on a GPU needs cupy: pip install 'llava-rt[gpu]' (cupy-cuda13x)") from None
+    return cupy
 
-    def __init__(self, path: Path, threads: int | None = None, providers: list[str] | None = None):
+
+def providers(config: BackendConfig, precision: str, engine_cache: Path | None) -> list[tuple[str, dict[str, str]]]:
+    """onnxruntime's provider list for `config.device`, first choice first, the passed options on that one. A GPU
+    device keeps the CPU provider last: onnxruntime places there only the nodes its GPU kernels lack (shape
+    arithmetic). The TensorRT provider caches its engines and timing cache in `engine_cache`."""
+    import onnxruntime as ort
+
+    wanted = PROVIDERS[config.device]
+    if wanted not in ort.get_available_providers():
+        raise BackendUnavailable(
+            f"--device {config.device} needs onnxruntime's {wanted}, which this onnxruntime lacks; install {GPU_PACKAGE}"
+        )
+    options = dict(config.provider_options)
+    if config.device == "cpu":
+        return [(wanted, options)]
+    if config.device == "cuda":
+        return [(wanted, options), ("CPUExecutionProvider", {})]
+    trt = {**TRT_PRECISION_FLAGS.get(precision, {}), **_engine_cache_options(engine_cache, options), **options}
+    return [(wanted, trt), ("CUDAExecutionProvider", {}), ("CPUExecutionProvider", {})]
+
+
+def _engine_cache_options(directory: Path | None, options: dict[str, str]) -> dict[str, str]:
+    """The TensorRT provider's engine and timing caches in `directory`, created now, unless the caller chose a path."""
+    if directory is None or "trt_engine_cache_path" in options:
+        return {}
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BundleError(
+            f"cannot create the TensorRT engine cache {directory} ({exc.strerror}); make the bundle writable or pass "
+            "--provider-option trt_engine_cache_path=DIR"
+        ) from None
+    path = str(directory)
+    return {
+        "trt_engine_cache_enable": "True",
+        "trt_engine_cache_path": path,
+        "trt_timing_cache_enable": "True",
+        "trt_timing_cache_path": path,
+    }
+
+
+class OnnxRuntimeSession:
+    """An ONNX graph run by onnxruntime: every graph optimization, sequential execution on `threads` intra-op threads
+    (onnxruntime's default: one per physical core), on `config.device`. Errors while loading or running become
+    `BundleError`s naming the graph; a device whose provider is missing or does not start, `BackendUnavailable`
+    (never a silent run on the CPU)."""
+
+    def __init__(self, path: Path, config: BackendConfig, precision: str = "fp32", engine_cache: Path | None = None):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.inter_op_num_threads = 1
-        if threads:
-            options.intra_op_num_threads = threads
+        if config.threads:
+            options.intra_op_num_threads = config.threads
         self.name = path.name
+        chosen = providers(config, precision, engine_cache)
+        self.arrays = CudaArrays(_device_id(config)) if config.device != "cpu" else HostArrays()
+        self.array_module = self.arrays.module
         try:
-            self._session = ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
-        except Exception as exc:  # onnxruntime raises its own untyped errors for bad graphs
+            self._session = ort.InferenceSession(str(path), options, providers=chosen)
+        except Exception as exc:  # onnxruntime raises its own untyped errors for bad graphs and bad provider options
             raise BundleError(f"onnxruntime cannot load {path.name}: {onnxruntime_message(exc)}") from None
+        if self._session.get_providers()[0] != chosen[0][0]:  # onnxruntime only logs a provider that failed to start
+            raise BackendUnavailable(f"onnxruntime could not start its {chosen[0][0]} (see its log above); install {GPU_PACKAGE}")
         self.inputs = [_spec(value) for value in self._session.get_inputs()]
         self.outputs = [_spec(value) for value in self._session.get_outputs()]
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run on host arrays; every output as a host array (onnxruntime copies to and from its device)."""
         try:
             values = self._session.run(None, feeds)
         except _run_errors() as exc:
             raise BundleError(f"onnxruntime failed to run {self.name}: {onnxruntime_message(exc)}") from None
         return dict(zip((o.name for o in self.outputs), values))
+
+    def bind(self) -> "OnnxRuntimeBinding":
+        return OnnxRuntimeBinding(self)
+
+
+def _device_id(config: BackendConfig) -> int:
+    value = config.provider_options.get("device_id", "0")
+    if not value.isdigit():
+        raise InputError(f"provider option device_id must be a GPU index, got {value!r}")
+    return int(value)
+
+
+class OnnxRuntimeBinding:
+    """onnxruntime's IO binding over arrays of the session's `arrays` (see `Binding`). Each array stays referenced
+    while bound, so its memory outlives the runs that read or write it."""
+
+    def __init__(self, session: OnnxRuntimeSession):
+        self._session, self._arrays = session, session.arrays
+        self._binding = session._session.io_binding()
+        self._bound: dict[str, tuple[Any, Any]] = {}  # input name -> (array given, array bound)
+        self._given: dict[str, Any] = {}  # output name -> preallocated array or None, in the order first bound
+
+    def input(self, name: str, array: Any) -> None:
+        if name in self._bound and self._bound[name][0] is array:
+            return
+        self._bound[name] = (array, self._arrays.bind_input(self._binding, name, array))
+
+    def output(self, name: str, array: Any = None) -> None:
+        self._arrays.bind_output(self._binding, name, array)
+        self._given[name] = array
+
+    def run(self) -> dict[str, Any]:
+        self._arrays.synchronize()
+        try:
+            self._session._session.run_with_iobinding(self._binding)
+        except _run_errors() as exc:
+            raise BundleError(f"onnxruntime failed to run {self._session.name}: {onnxruntime_message(exc)}") from None
+        values = zip(self._given, self._binding.get_outputs())  # onnxruntime keeps the order outputs were first bound
+        return {name: self._arrays.wrap(value) if self._given.get(name) is None else self._given[name] for name, value in values}
+
+
+def _bind_host_input(binding, name: str, array: np.ndarray) -> np.ndarray:
+    """Bind a host array; returns the array bound (a contiguous copy where it was not), which must stay alive."""
+    array = np.ascontiguousarray(array)
+    binding.bind_cpu_input(name, array)
+    return array
+
+
+class HostArrays:
+    """Arrays on the CPU: numpy, bound to onnxruntime without a copy."""
+
+    module = np
+
+    def bind_input(self, binding, name: str, array: np.ndarray) -> np.ndarray:
+        return _bind_host_input(binding, name, array)
+
+    def bind_output(self, binding, name: str, array: np.ndarray | None) -> None:
+        if array is None:
+            binding.bind_output(name, "cpu")
+        else:
+            binding.bind_output(name, "cpu", 0, array.dtype, array.shape, array.ctypes.data)
+
+    def synchronize(self) -> None:
+        pass
+
+    def wrap(self, value) -> np.ndarray:
+        return value.numpy()
+
+
+class CudaArrays:
+    """Arrays on an NVIDIA GPU: cupy arrays, bound to onnxruntime by device pointer.
+
+    cupy rather than cuda-python's `cudaMemcpy2DAsync`: the decode loop needs zeroed allocations, strided writes of
+    the new keys and values into the cache and an argmax on the device, and cupy gives all three as numpy's own
+    expressions (`buffer[:, :, n:n + 1] = new`, `argmax`), so the loop is the same code on the CPU and the GPU;
+    cuda-python would need hand-computed 2-D copy geometry and a compiled argmax kernel.
+    onnxruntime runs on its own CUDA stream: cupy's work is finished before each run, and onnxruntime's is when
+    the run returns."""
+
+    def __init__(self, device_id: int):
+        self.module = _cupy()
+        self.device_id = device_id
+
+    def bind_input(self, binding, name: str, array):
+        if isinstance(array, np.ndarray) or array.size == 0:  # host arrays and empty pasts: onnxruntime copies them
+            return _bind_host_input(binding, name, self.module.asnumpy(array))
+        array = self.module.ascontiguousarray(array)
+        binding.bind_input(name, "cuda", self.device_id, array.dtype, array.shape, array.data.ptr)
+        return array
+
+    def bind_output(self, binding, name: str, array) -> None:
+        if array is None:
+            binding.bind_output(name, "cuda", self.device_id)
+        else:
+            binding.bind_output(name, "cuda", self.device_id, array.dtype, array.shape, array.data.ptr)
+
+    def synchronize(self) -> None:
+        self.module.cuda.get_current_stream().synchronize()
+
+    def wrap(self, value):
+        """A cupy view of an onnxruntime-allocated device output, keeping the OrtValue (its owner) alive."""
+        cupy = self.module
+        dtype = np.dtype(ORT_DTYPES[value.data_type()])
+        size = int(np.prod(value.shape())) * dtype.itemsize
+        memory = cupy.cuda.UnownedMemory(value.data_ptr(), size, value, self.device_id)
+        return cupy.ndarray(tuple(value.shape()), dtype, cupy.cuda.MemoryPointer(memory, 0))
