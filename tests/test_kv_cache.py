@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from llava_rt.runtime.backends import TensorSpec
 from llava_rt.runtime.decoding import Generator
 from llava_rt.runtime.kv_cache import KVCache, new_names, past_names
 from llava_rt.runtime.sampling import SearchOptions
@@ -40,15 +41,33 @@ def test_feeds_mask_unused_slots_and_feed_an_empty_cache_as_zero_length():
     np.testing.assert_array_equal(feeds["attention_mask"], [[1, 0, 0, 0, 0, 0, 1]])
 
 
+class _RecordingBinding:
+    """Wraps the decoder's binding, recording the memory address of every past input bound when it runs."""
+
+    def __init__(self, binding):
+        self.binding, self.bound, self.addresses = binding, {}, []
+
+    def input(self, name, array):
+        self.bound[name] = array
+        self.binding.input(name, array)
+
+    def output(self, name, array=None):
+        self.binding.output(name, array)
+
+    def run(self):
+        self.addresses.append({n: a.__array_interface__["data"][0] for n, a in self.bound.items() if n.startswith("past")})
+        return self.binding.run()
+
+
 class _RecordingDecoder:
-    """Wraps the bundle's decoder session, recording the memory address of every past input it is fed."""
+    """The bundle's decoder session, its bindings recording."""
 
     def __init__(self, session):
-        self.session, self.addresses = session, []
+        self.session, self.outputs, self.array_module = session, session.outputs, session.array_module
 
-    def run(self, feeds):
-        self.addresses.append({name: feeds[name].__array_interface__["data"][0] for name in feeds if name.startswith("past")})
-        return self.session.run(feeds)
+    def bind(self):
+        self.binding = _RecordingBinding(self.session.bind())
+        return self.binding
 
 
 def test_decode_steps_feed_the_cache_buffers_themselves(pipelines):
@@ -63,18 +82,31 @@ def test_decode_steps_feed_the_cache_buffers_themselves(pipelines):
     finally:
         pipeline.sessions["decoder"] = recorder.session
     cache = run.generator.cache
-    steps = recorder.addresses[1:]
+    steps = recorder.binding.addresses[1:]
     assert len(steps) == 7 and cache.length == len(run.requests[0].input_ids) + 7
     buffers = {name: buffer.__array_interface__["data"][0] for name, buffer in cache.buffers.items()}
     assert all(step == buffers for step in steps)
 
 
 class _EosFirstDecoder:
-    """A decoder whose most likely next token is always EOS (id 0)."""
+    """A decoder whose most likely next token is always EOS (id 0); it binds host arrays."""
 
-    def run(self, feeds):
-        tokens = feeds["inputs_embeds"].shape[1]
-        logits = np.tile(np.array([[5.0, 1.0, 2.0]], np.float32), (len(feeds["inputs_embeds"]), 1))
+    outputs = [TensorSpec(name, "float32", ()) for name in ("logits", *new_names(SPEC))]
+    array_module = np
+
+    def bind(self):
+        self.feeds = {}
+        return self
+
+    def input(self, name, array):
+        self.feeds[name] = array
+
+    def output(self, name, array=None):
+        pass
+
+    def run(self):
+        tokens = self.feeds["inputs_embeds"].shape[1]
+        logits = np.tile(np.array([[5.0, 1.0, 2.0]], np.float32), (len(self.feeds["inputs_embeds"]), 1))
         return {"logits": logits, **{name: np.zeros((1, 3, tokens, 4), np.float32) for name in new_names(SPEC)}}
 
 

@@ -23,9 +23,11 @@ ORT_DTYPES = {
 }
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
 GPU_PACKAGE = "the GPU build of onnxruntime: pip uninstall onnxruntime && pip install onnxruntime-gpu"
-# TensorRT builds a weakly typed network from the graph here: the precision flags let it use the kernels the graph
-# variant's dtypes ask for (a Q/DQ graph fails to build without the int8 flag). Passed options override these.
-TRT_PRECISION_FLAGS = {"fp16": {"trt_fp16_enable": "True"}, "int8": {"trt_int8_enable": "True"}}
+# Defaults per graph variant precision; passed options override them. The CUDA provider's fp32 matmuls use TF32
+# unless told not to (fp32 is the token-exact reference). onnxruntime's TensorRT provider builds a weakly typed
+# network: the flags let it use the kernels the variant's dtypes ask for (a Q/DQ graph fails to build without int8).
+CUDA_PRECISION_OPTIONS = {"fp32": {"use_tf32": "0"}}
+TRT_PRECISION_OPTIONS = {"fp16": {"trt_fp16_enable": "True"}, "int8": {"trt_int8_enable": "True"}}
 _ORT_PREFIX = re.compile(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ")
 
 
@@ -71,11 +73,14 @@ def providers(config: BackendConfig, precision: str, engine_cache: Path | None) 
         )
     options = dict(config.provider_options)
     if config.device == "cpu":
-        return [(wanted, options)]
+        if options:
+            raise InputError("onnxruntime's CPU provider takes no provider options (they are for --device cuda or tensorrt)")
+        return [(wanted, {})]
+    cuda = {**CUDA_PRECISION_OPTIONS.get(precision, {}), **(options if config.device == "cuda" else {})}
     if config.device == "cuda":
-        return [(wanted, options), ("CPUExecutionProvider", {})]
-    trt = {**TRT_PRECISION_FLAGS.get(precision, {}), **_engine_cache_options(engine_cache, options), **options}
-    return [(wanted, trt), ("CUDAExecutionProvider", {}), ("CPUExecutionProvider", {})]
+        return [(wanted, cuda), ("CPUExecutionProvider", {})]
+    trt = {**TRT_PRECISION_OPTIONS.get(precision, {}), **_engine_cache_options(engine_cache, options), **options}
+    return [(wanted, trt), ("CUDAExecutionProvider", cuda), ("CPUExecutionProvider", {})]
 
 
 def _engine_cache_options(directory: Path | None, options: dict[str, str]) -> dict[str, str]:
@@ -121,8 +126,9 @@ class OnnxRuntimeSession:
             self._session = ort.InferenceSession(str(path), options, providers=chosen)
         except Exception as exc:  # onnxruntime raises its own untyped errors for bad graphs and bad provider options
             raise BundleError(f"onnxruntime cannot load {path.name}: {onnxruntime_message(exc)}") from None
-        if self._session.get_providers()[0] != chosen[0][0]:  # onnxruntime only logs a provider that failed to start
-            raise BackendUnavailable(f"onnxruntime could not start its {chosen[0][0]} (see its log above); install {GPU_PACKAGE}")
+        provider = chosen[0][0]
+        if self._session.get_providers()[0] != provider:  # onnxruntime only logs a provider that failed to start
+            raise BackendUnavailable(f"onnxruntime could not start its {provider} (see its log above); install {GPU_PACKAGE}")
         self.inputs = [_spec(value) for value in self._session.get_inputs()]
         self.outputs = [_spec(value) for value in self._session.get_outputs()]
 
