@@ -1,6 +1,7 @@
 """What a manifest must hold for the runtime to use it: a JSON schema of every section the runtime reads, and the
 rules across sections a schema cannot state (graph inputs and outputs against the KV cache and text dimensions,
-token ids within the vocabulary, every file the runtime opens listed in the checksum table)."""
+token ids within the vocabulary, TensorRT plans against their graphs, every file the runtime opens listed in the
+checksum table)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Any
 
 import jsonschema
 
+from .engine_plans import HARDWARE_COMPAT, plan_key
 from .errors import BundleError
 from .kv_cache import new_names, past_names
 
@@ -94,6 +96,53 @@ _ARRAY = {  # an .npy file name, or a raw region of a file (tied embeddings insi
         "shape": {"type": "array", "minItems": 1, "items": _POSITIVE},
         "dtype": {"enum": FLOAT_DTYPES},
         "transposed": {"type": "boolean"},
+    },
+}
+_SHA256 = {"type": "string", "pattern": "^[0-9a-f]{64}$"}
+_DIMS = {"type": "array", "items": _COUNT}
+# TensorRT plans built by `llava-engines build`, keyed by their directory under `engines/` (see engine_plans).
+_ENGINES = {
+    "type": "object",
+    "additionalProperties": {
+        "type": "object",
+        "required": ["precision", "tensorrt", "compute_capability", "hardware_compatibility", "version_compatible"]
+        + ["limits", "plans"],
+        "properties": {
+            "precision": {"enum": list(PRECISIONS)},
+            "tensorrt": {"type": "string", "pattern": r"^\d+(\.\d+)*$"},
+            "compute_capability": {"type": "string", "pattern": r"^\d+\.\d+$"},
+            "hardware_compatibility": {"enum": list(HARDWARE_COMPAT)},
+            "version_compatible": {"type": "boolean"},
+            "limits": {
+                "type": "object",
+                "required": ["max_batch", "max_tiles", "max_context", "opt_context"],
+                "properties": {key: _POSITIVE for key in ("max_batch", "max_tiles", "max_context", "opt_context")},
+            },
+            "plans": {
+                "type": "object",
+                "minProperties": 1,
+                "additionalProperties": {
+                    "type": "object",
+                    "required": ["file", "sha256", "bytes", "variant", "graph", "graph_sha256", "profile"],
+                    "properties": {
+                        "file": _PATH,
+                        "sha256": _SHA256,
+                        "bytes": _COUNT,
+                        "variant": {"type": "string", "pattern": VARIANT_KEY},
+                        "graph": _PATH,
+                        "graph_sha256": _SHA256,
+                        "profile": {
+                            "type": "object",
+                            "additionalProperties": {
+                                "type": "object",
+                                "required": ["min", "opt", "max"],
+                                "properties": {"min": _DIMS, "opt": _DIMS, "max": _DIMS},
+                            },
+                        },
+                    },
+                },
+            },
+        },
     },
 }
 
@@ -213,9 +262,10 @@ MANIFEST_SCHEMA: dict[str, Any] = {
             "additionalProperties": {
                 "type": "object",
                 "required": ["sha256", "bytes"],
-                "properties": {"sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"}, "bytes": _COUNT},
+                "properties": {"sha256": _SHA256, "bytes": _COUNT},
             },
         },
+        "engines": _ENGINES,
     },
 }
 
@@ -239,11 +289,12 @@ def graph_variants(manifest: dict[str, Any]) -> list[tuple[str, str, dict[str, A
 
 def referenced_files(manifest: dict[str, Any]) -> list[str]:
     """Every bundle file the runtime opens: graph variants and their external data, arrays' files, tokenizer, chat
-    template."""
+    template, TensorRT plans."""
     graphs = [entry[key] for _, _, entry in graph_variants(manifest) for key in ("file", "external_data") if key in entry]
     arrays = [spec if isinstance(spec, str) else spec["file"] for spec in manifest["arrays"].values()]
     template = [manifest["chat_template"]] if manifest.get("chat_template") else []
-    return [*graphs, *arrays, manifest["tokenizer"], *template]
+    plans = [plan["file"] for entry in manifest.get("engines", {}).values() for plan in entry["plans"].values()]
+    return [*graphs, *arrays, manifest["tokenizer"], *template, *plans]
 
 
 def _graph_contract(manifest: dict[str, Any]) -> dict[str, tuple[dict[str, tuple], dict[str, tuple]]]:
@@ -300,6 +351,40 @@ def _check_kv_dtypes(where: str, entry: dict[str, Any], kv: dict[str, int]) -> N
         raise _invalid(where, f"the KV cache inputs and outputs mix {' and '.join(sorted(kinds))}")
 
 
+def _invalid_plans(where: str, problem: str) -> BundleError:
+    return BundleError(f"invalid manifest.json at {where}: {problem}; rebuild the plans with llava-engines build")
+
+
+def _check_engines(manifest: dict[str, Any]) -> None:
+    """Each plan set keyed by its directory, each plan built from a standard-form variant of its graph, listed in the
+    checksum table as the entry records it, with a profile of min <= opt <= max for exactly the variant's inputs."""
+    for key, entry in manifest.get("engines", {}).items():
+        where = f"$.engines.{key}"
+        expected = plan_key(entry["tensorrt"], entry["compute_capability"], entry["precision"])
+        if key != expected:
+            raise _invalid_plans(
+                where,
+                f"plans of TensorRT {entry['tensorrt']}, sm {entry['compute_capability']} must be keyed {expected!r}",
+            )
+        for graph, plan in entry["plans"].items():
+            at = f"{where}.plans.{graph}"
+            variant = manifest["graphs"].get(graph, {}).get("variants", {}).get(plan["variant"])
+            if variant is None or variant["form"] != "standard" or variant["file"] != plan["graph"]:
+                raise _invalid_plans(at, f"{plan['graph']} is not the standard-form {plan['variant']} variant of a {graph} graph")
+            listed = manifest["files"].get(plan["file"])
+            if listed is None or listed != {"sha256": plan["sha256"], "bytes": plan["bytes"]}:
+                raise _invalid_plans(at, f"{plan['file']} is not in the checksum table with this sha256 and size")
+            inputs = {tensor["name"]: tensor["shape"] for tensor in variant["inputs"]}
+            if sorted(plan["profile"]) != sorted(inputs):
+                profiled = ", ".join(sorted(plan["profile"])) or "no input"
+                raise _invalid_plans(f"{at}.profile", f"a profile for {profiled}, but the inputs are {', '.join(sorted(inputs))}")
+            for name, ranges in plan["profile"].items():
+                low, opt, high = ranges["min"], ranges["opt"], ranges["max"]
+                ordered = all(a <= b <= c for a, b, c in zip(low, opt, high))
+                if not (len(low) == len(opt) == len(high) == len(inputs[name])) or not ordered:
+                    raise _invalid_plans(f"{at}.profile.{name}", f"min {low}, opt {opt}, max {high} for shape {inputs[name]}")
+
+
 def check_manifest(manifest: Any) -> None:
     """Raise `BundleError` (one line naming the JSON path) unless the manifest is one the runtime can use."""
     if not isinstance(manifest, dict):
@@ -331,6 +416,7 @@ def check_manifest(manifest: Any) -> None:
     for key, values in {**ids, "eos_token_ids": tokens["eos_token_ids"]}.items():
         if any(value is not None and value >= vocab for value in values):
             raise _invalid(f"$.tokens.{key}", f"{values} is not below the vocabulary size {vocab}")
+    _check_engines(manifest)
     unlisted = [name for name in referenced_files(manifest) if name not in manifest["files"]]
     if unlisted:
         raise _invalid("$.files", f"{unlisted[0]!r} is used by the bundle but not in its checksum table")

@@ -84,6 +84,7 @@ class Session(Protocol):
 # compiled engines, created on first use>)`.
 BACKENDS = {
     "onnxruntime": "onnxrt:OnnxRuntimeSession",
+    "tensorrt": "trt:TensorRTSession",
 }
 
 
