@@ -28,6 +28,7 @@ GPU_PACKAGE = "the GPU build of onnxruntime: pip uninstall onnxruntime && pip in
 # network: the flags let it use the kernels the variant's dtypes ask for (a Q/DQ graph fails to build without int8).
 CUDA_PRECISION_OPTIONS = {"fp32": {"use_tf32": "0"}}
 TRT_PRECISION_OPTIONS = {"fp16": {"trt_fp16_enable": "True"}, "int8": {"trt_int8_enable": "True"}}
+GPU = 0  # the device index arrays are bound at: the first visible GPU
 _ORT_PREFIX = re.compile(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ")
 
 
@@ -69,13 +70,15 @@ def providers(config: BackendConfig, precision: str, engine_cache: Path | None) 
     wanted = PROVIDERS[config.device]
     if wanted not in ort.get_available_providers():
         raise BackendUnavailable(
-            f"--device {config.device} needs onnxruntime's {wanted}, which this onnxruntime lacks; install {GPU_PACKAGE}"
+            f"device {config.device} needs onnxruntime's {wanted}, which this onnxruntime lacks; install {GPU_PACKAGE}"
         )
     options = dict(config.provider_options)
     if config.device == "cpu":
         if options:
             raise InputError("onnxruntime's CPU provider takes no provider options (they are for --device cuda or tensorrt)")
         return [(wanted, {})]
+    if options.get("device_id", "0") != "0":  # cupy allocates the KV cache on its current device, the first
+        raise InputError("only the first visible GPU is supported: choose it with CUDA_VISIBLE_DEVICES, not device_id")
     cuda = {**CUDA_PRECISION_OPTIONS.get(precision, {}), **(options if config.device == "cuda" else {})}
     if config.device == "cuda":
         return [(wanted, cuda), ("CPUExecutionProvider", {})]
@@ -120,7 +123,7 @@ class OnnxRuntimeSession:
             options.intra_op_num_threads = config.threads
         self.name = path.name
         chosen = providers(config, precision, engine_cache)
-        self.arrays = CudaArrays(_device_id(config)) if config.device != "cpu" else HostArrays()
+        self.arrays = CudaArrays() if config.device != "cpu" else HostArrays()
         self.array_module = self.arrays.module
         try:
             self._session = ort.InferenceSession(str(path), options, providers=chosen)
@@ -142,13 +145,6 @@ class OnnxRuntimeSession:
 
     def bind(self) -> "OnnxRuntimeBinding":
         return OnnxRuntimeBinding(self)
-
-
-def _device_id(config: BackendConfig) -> int:
-    value = config.provider_options.get("device_id", "0")
-    if not value.isdigit():
-        raise InputError(f"provider option device_id must be a GPU index, got {value!r}")
-    return int(value)
 
 
 class OnnxRuntimeBinding:
@@ -176,8 +172,10 @@ class OnnxRuntimeBinding:
             self._session._session.run_with_iobinding(self._binding)
         except _run_errors() as exc:
             raise BundleError(f"onnxruntime failed to run {self._session.name}: {onnxruntime_message(exc)}") from None
-        values = zip(self._given, self._binding.get_outputs())  # onnxruntime keeps the order outputs were first bound
-        return {name: self._arrays.wrap(value) if self._given.get(name) is None else self._given[name] for name, value in values}
+        outputs = {}
+        for (name, given), value in zip(self._given.items(), self._binding.get_outputs()):  # in the order first bound
+            outputs[name] = self._arrays.wrap(value) if given is None else given
+        return outputs
 
 
 def _bind_host_input(binding, name: str, array: np.ndarray) -> np.ndarray:
@@ -218,22 +216,21 @@ class CudaArrays:
     onnxruntime runs on its own CUDA stream: cupy's work is finished before each run, and onnxruntime's is when
     the run returns."""
 
-    def __init__(self, device_id: int):
+    def __init__(self):
         self.module = _cupy()
-        self.device_id = device_id
 
     def bind_input(self, binding, name: str, array):
         if isinstance(array, np.ndarray) or array.size == 0:  # host arrays and empty pasts: onnxruntime copies them
             return _bind_host_input(binding, name, self.module.asnumpy(array))
         array = self.module.ascontiguousarray(array)
-        binding.bind_input(name, "cuda", self.device_id, array.dtype, array.shape, array.data.ptr)
+        binding.bind_input(name, "cuda", GPU, array.dtype, array.shape, array.data.ptr)
         return array
 
     def bind_output(self, binding, name: str, array) -> None:
         if array is None:
-            binding.bind_output(name, "cuda", self.device_id)
+            binding.bind_output(name, "cuda", GPU)
         else:
-            binding.bind_output(name, "cuda", self.device_id, array.dtype, array.shape, array.data.ptr)
+            binding.bind_output(name, "cuda", GPU, array.dtype, array.shape, array.data.ptr)
 
     def synchronize(self) -> None:
         self.module.cuda.get_current_stream().synchronize()
@@ -243,5 +240,5 @@ class CudaArrays:
         cupy = self.module
         dtype = np.dtype(ORT_DTYPES[value.data_type()])
         size = int(np.prod(value.shape())) * dtype.itemsize
-        memory = cupy.cuda.UnownedMemory(value.data_ptr(), size, value, self.device_id)
+        memory = cupy.cuda.UnownedMemory(value.data_ptr(), size, value, GPU)
         return cupy.ndarray(tuple(value.shape()), dtype, cupy.cuda.MemoryPointer(memory, 0))
