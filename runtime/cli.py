@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--precision",
         choices=PRECISIONS,
         default=None,
-        help="graph variants to run (default: the best the bundle has for the backend; said on stderr)",
+        help="graph variants to run (default: the best the bundle has for the backend and device; said on stderr)",
     )
     parser.add_argument(
         "--form",

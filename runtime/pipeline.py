@@ -82,7 +82,7 @@ class Pipeline:
         self.bundle = bundle
         self.manifest = manifest
         self.config = BackendConfig(backend, device, threads, dict(provider_options or {}))
-        self.selection = select_variants(manifest, precision, backend, form)
+        self.selection = select_variants(manifest, precision, backend, form, device)
         logger.info("%s", self.selection.describe())
         self.sessions = {name: bundle.session(name, variant, self.config) for name, variant in self.selection.variants.items()}
         self.tokenizer = bundle.tokenizer()
@@ -115,7 +115,7 @@ class Pipeline:
         them, "full" re-hashes every file (see `load_bundle`). `threads`: intra-op threads per graph (default: one
         per physical core; at most the CPU count). `max_image_pixels`: the most pixels an image or a video frame
         may have (checked before decoding it). `precision` (fp32, fp16, int8, int4): the graph variants to run;
-        default: the best the bundle has for the backend (`pipeline.selection` says which, also logged at INFO).
+        default: the best the bundle has for the backend and device (`pipeline.selection` says which, also logged at INFO).
         `form` ("standard", "onnxruntime"): run that form of each variant where the bundle has it (default: the
         backend's preferred form; onnxruntime's own on the CPU). `device` ("cpu", "cuda", "tensorrt": onnxruntime's
         TensorRT provider) and `provider_options` (passed to its provider, e.g. `{"trt_fp16_enable": "True"}`):

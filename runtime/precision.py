@@ -1,4 +1,5 @@
-"""Which precision variant of each graph a pipeline runs: the one asked for, or the best the bundle has for the backend.
+"""Which precision variant of each graph a pipeline runs: the one asked for, or the best the bundle has for the backend
+and device.
 
 Every graph has its fp32 reference; a bundle may add fp16, int8 and int4 variants of some graphs, each in the
 standard form (`<graph>.<precision>.onnx`, what TensorRT builds) and/or an onnxruntime-only form
@@ -23,9 +24,17 @@ class BackendPreference:
     forms: tuple[str, ...]
 
 
-# onnxruntime on the CPU: int8 kernels are faster than fp32 (int4 saves memory), fp16 runs through Casts in fp32
-# (slower: a correctness check there), and its own forms (uint8 activations, contrib kernels) are the fast ones.
-PREFERENCES = {"onnxruntime": BackendPreference(("int8", "int4", "fp32", "fp16"), ("onnxruntime", "standard"))}
+_GPU = BackendPreference(("fp16", "fp32", "int8", "int4"), ("standard",))
+# (backend, device) -> preference. onnxruntime on the CPU: int8 kernels are faster than fp32 (int4 saves memory), fp16
+# runs through Casts in fp32 (slower: a correctness check there), and its own forms (uint8 activations, contrib
+# kernels) are the fast ones. On a GPU fp16 is the fast precision, and only standard forms run there: the onnxruntime
+# forms' CPU-only kernels would put their nodes back on the CPU.
+PREFERENCES = {
+    ("onnxruntime", "cpu"): BackendPreference(("int8", "int4", "fp32", "fp16"), ("onnxruntime", "standard")),
+    ("onnxruntime", "cuda"): _GPU,
+    ("onnxruntime", "tensorrt"): _GPU,
+    ("tensorrt", "cuda"): _GPU,
+}
 
 
 @dataclass(frozen=True)
@@ -38,7 +47,7 @@ class Selection:
 
     def describe(self) -> str:
         """One line for stderr: the precision, how it was chosen, and each graph's variant."""
-        how = "the best this bundle has for the backend" if self.by_default else "as asked"
+        how = "the best this bundle has for the backend and device" if self.by_default else "as asked"
         graphs = ", ".join(f"{graph} {key}" for graph, key in self.variants.items())
         return f"precision {self.precision} ({how}): {graphs}"
 
@@ -56,15 +65,22 @@ def check_precision(precision: object) -> str | None:
     return precision
 
 
-def select_variants(manifest: dict[str, Any], precision: str | None, backend: str, form: str | None = None) -> Selection:
-    """The variants to run for `precision` (None: the backend's most preferred precision the bundle has), each graph
-    in the form `form` ("standard" or "onnxruntime") where it has that variant, else in the backend's preferred one.
+def select_variants(
+    manifest: dict[str, Any], precision: str | None, backend: str, form: str | None = None, device: str = "cpu"
+) -> Selection:
+    """The variants to run for `precision` (None: the most preferred precision on `backend` and `device` the bundle
+    has), each graph in the form `form` ("standard" or "onnxruntime") where it has that variant, else in the backend's
+    preferred one.
 
-    Raises `InputError` for an unknown precision or form, or a precision no graph of the bundle has."""
+    Raises `InputError` for an unknown precision or form, a precision no graph of the bundle has, or a backend and
+    device that do not go together."""
     if form is not None and form not in FORMS:
         raise InputError(f"form must be one of {', '.join(FORMS)}, got {form!r}")
     available = bundle_precisions(manifest)
-    preference = PREFERENCES[backend]
+    if (backend, device) not in PREFERENCES:
+        devices = [d for b, d in PREFERENCES if b == backend]
+        raise InputError(f"backend {backend} runs on {', '.join(devices)}, not {device!r}")
+    preference = PREFERENCES[backend, device]
     if check_precision(precision) is None:
         chosen = next(p for p in preference.precisions if p in available)
     elif precision not in available:

@@ -32,6 +32,21 @@ def test_default_is_the_best_the_bundle_has_for_the_cpu():
     assert select_variants(_manifest(vision=["fp16"], decoder=["fp16"]), None, "onnxruntime").precision == "fp32"
 
 
+@pytest.mark.parametrize(("backend", "device"), [("onnxruntime", "cuda"), ("onnxruntime", "tensorrt"), ("tensorrt", "cuda")])
+def test_default_on_a_gpu_is_fp16_in_the_standard_form(backend, device):
+    selection = select_variants(FULL, None, backend, device=device)
+    assert selection.precision == "fp16"
+    assert selection.variants == {"vision": "fp16", "projector": "fp16", "decoder": "fp16"}
+    # the onnxruntime forms' CPU-only kernels never run on a GPU, even when int8 is asked for
+    assert select_variants(FULL, "int8", backend, device=device).variants["decoder"] == "int8"
+    assert select_variants(_manifest(decoder=["int8", "int8.ort"]), None, backend, device=device).precision == "fp32"
+
+
+def test_a_backend_on_a_device_it_does_not_run_on_is_refused():
+    with pytest.raises(InputError, match="backend tensorrt runs on cuda, not 'cpu'"):
+        select_variants(FULL, None, "tensorrt", device="cpu")
+
+
 def test_graphs_without_the_precision_run_their_fp32_reference_and_say_so():
     selection = select_variants(FULL, "int4", "onnxruntime")
     assert selection.variants == {"vision": "fp32", "projector": "fp32", "decoder": "int4"}
