@@ -1,14 +1,16 @@
-"""`llava-bench`: transformers eager against llava-rt bundles on the same request, stage by stage.
+"""`llava-bench`: transformers against llava-rt bundles on the same request, stage by stage, on the CPU or a GPU.
 
     llava-bench --preset llava-onevision-qwen2-0.5b-ov --precision fp32,fp16,int8,int4 --threads 2
+    llava-bench --preset llava-onevision-qwen2-0.5b-ov --precision fp32,fp16 --device cuda
 
 Builds the checkpoint (a preset at its true shapes with random weights) and exports one bundle holding every
-asked precision, both cached under `--workdir`. The sides: transformers (the reference), llava-rt per precision
-in the runtime's default form on the CPU, and in the standard (TensorRT) form too where that runs other
-variants. Per repeat each side in turn is loaded, warmed up, measured and freed (the order alternates); peak
-memory is measured with each side alone in a fresh process. Prints a Markdown table of medians with their spread
-and the llava-rt / transformers ratios, and the drift from fp32 the export recorded; `--json` and `--chart` save
-them.
+asked precision, both cached under `--workdir` (`--build-only` stops there). The sides: transformers (the
+reference: fp32 eager on the CPU; fp16 with SDPA attention on `--device cuda`), llava-rt per precision in the
+runtime's default form, and in the standard (TensorRT) form too where that runs other variants. Per repeat each
+side in turn is loaded, warmed up, measured and freed (the order alternates); peak memory (resident on the CPU,
+held on the GPU) is measured with each side alone in a fresh process. Prints a Markdown table of medians with
+their spread and the llava-rt / transformers ratios, and the drift from fp32 the export recorded; `--json` and
+`--chart` save them.
 """
 
 from __future__ import annotations
@@ -16,9 +18,11 @@ from __future__ import annotations
 import argparse
 import gc
 import hashlib
+import importlib.util
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -36,10 +40,10 @@ from ..runtime.manifest_schema import PRECISIONS
 from ..runtime.pipeline import Pipeline
 from ..runtime.precision import bundle_precisions
 from .drift import bundle_drift
-from .machine import measure_bandwidth
+from .machine import measure_bandwidth, measure_device_bandwidth
 from .presets import PRESETS
 from .report import REFERENCE, chart, ratios, report, summarize
-from .sides import BundleChoice, BundleSide, Request, TransformersSide, bundle_choices, synthetic_image
+from .sides import DEVICES, BundleChoice, BundleSide, Request, TransformersSide, bundle_choices, synthetic_image
 
 DEFAULT_WORKDIR = Path.home() / ".cache" / "llava-rt" / "bench"
 # the `bench` extra: the export extra (it runs transformers and exports bundles), torchvision (transformers'
@@ -108,17 +112,19 @@ def _request(pipeline, args) -> tuple[Request, int]:
     return Request(image, prompt, args.new_tokens), input_tokens
 
 
-def _peak_memory(name: str, choice: BundleChoice | None, path: Path, request_file: Path, threads: int) -> int:
-    """Peak resident bytes of a side answering the request alone in a fresh process: transformers on the checkpoint at
-    `path` (`choice` None), or llava-rt running `choice`'s variants of the bundle at `path`."""
+def _peak_memory(name: str, choice: BundleChoice | None, path: Path, request_file: Path, threads: int, device: str) -> int:
+    """Peak memory of a side answering the request alone in a fresh process (resident bytes on the CPU, bytes held on
+    the GPU): transformers on the checkpoint at `path` (`choice` None), or llava-rt running `choice`'s variants of the
+    bundle at `path`."""
     command = [sys.executable, "-m", "llava_rt.benchmarks.peak_memory", "--path", str(path)]
-    command += ["--request", str(request_file), "--threads", str(threads)]
+    command += ["--request", str(request_file), "--threads", str(threads), "--device", device]
     if choice is not None:
         command += ["--precision", choice.precision, *(["--form", choice.form] if choice.form else [])]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         raise BenchError(f"peak-memory run of {name} failed: {done.stderr.strip().splitlines()[-1:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])["peak_rss_bytes"]
+    figures = json.loads(done.stdout.strip().splitlines()[-1])
+    return figures["device_bytes" if device == "cuda" else "peak_rss_bytes"]
 
 
 def _measure(sides: dict[str, Callable[[], Any]], request: Request, args) -> tuple[dict[str, list], dict[str, int]]:
@@ -146,10 +152,11 @@ def run_benchmark(args) -> dict[str, Any]:
     bundle, manifest = _bundle(checkpoint, root, args.precision)
     choices = bundle_choices(manifest, args.precision)
     request, input_tokens = _request(Pipeline.load(bundle, threads=args.threads), args)
-    sides = {REFERENCE: partial(TransformersSide, checkpoint, args.threads)}
-    sides |= {choice.name: partial(BundleSide, bundle, args.threads, choice) for choice in choices}
+    device = args.device
+    sides = {REFERENCE: partial(TransformersSide, checkpoint, args.threads, device)}
+    sides |= {choice.name: partial(BundleSide, bundle, args.threads, choice, device) for choice in choices}
     measured, weight_bytes = _measure(sides, request, args)
-    bandwidth = measure_bandwidth(args.threads)
+    bandwidth = measure_device_bandwidth() if device == "cuda" else measure_bandwidth(args.threads)
     results: dict[str, dict[str, Any]] = {}
     for name, runs in measured.items():
         entry = {key: summarize([getattr(r, key) for r in runs]) for key in runs[0].__dataclass_fields__}
@@ -161,10 +168,11 @@ def run_benchmark(args) -> dict[str, Any]:
         spec = {"prompt": request.prompt, "image_size": args.image_size, "new_tokens": args.new_tokens}
         request_file.write_text(json.dumps(spec))
         runs = [(REFERENCE, None, checkpoint), *((choice.name, choice, bundle) for choice in choices)]
+        key = "peak_device_mb" if device == "cuda" else "peak_rss_mb"
         for name, choice, path in runs:
             say(f"peak memory of {name} (separate process)")
-            peak = _peak_memory(name, choice, path, request_file, args.threads)
-            results[name]["peak_rss_mb"] = summarize([peak / 2**20])
+            peak = _peak_memory(name, choice, path, request_file, args.threads, device)
+            results[name][key] = summarize([peak / 2**20])
     return {
         "config": {
             "label": label,
@@ -174,6 +182,7 @@ def run_benchmark(args) -> dict[str, Any]:
             "input_tokens": input_tokens,
             "new_tokens": args.new_tokens,
             "threads": args.threads,
+            "device": device,
             "repeats": args.repeats,
             "warmup": args.warmup,
         },
@@ -182,11 +191,18 @@ def run_benchmark(args) -> dict[str, Any]:
             "processor": platform.processor(),
             "cpus": os.cpu_count(),
             "bandwidth_gb_per_s": bandwidth / 1e9,
+            **({"gpu": _gpu_name()} if device == "cuda" else {}),
         },
         "sides": results,
         "ratios": ratios(results),
         "drift": bundle_drift(manifest, choices),
     }
+
+
+def _gpu_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name()
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -200,12 +216,14 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--prompt-tokens", type=int, default=512, help="text tokens in the prompt (default 512)")
     parser.add_argument("--new-tokens", type=int, default=128, help="tokens generated, EOS ignored (default 128)")
     parser.add_argument("--threads", type=int, default=2, help="threads for both sides (default 2)")
+    parser.add_argument("--device", choices=DEVICES, default="cpu", help="where both sides run (default cpu)")
     parser.add_argument("--repeats", type=int, default=3, help="measured runs per side (default 3)")
     parser.add_argument("--warmup", type=int, default=1, help="unmeasured runs after each load of a side (default 1)")
     parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR, help="cache of checkpoints and bundles")
     parser.add_argument("--json", type=Path, help="write every figure and ratio here")
     parser.add_argument("--chart", type=Path, help="write a PNG chart of the ratios here")
     parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory processes")
+    parser.add_argument("--build-only", action="store_true", help="build the checkpoint and bundle into --workdir, then stop")
     return add_standard_options(parser)
 
 
@@ -229,10 +247,36 @@ def _validate(args) -> None:
         path = getattr(args, option)
         if path is not None and (path.is_dir() or not path.parent.is_dir()):
             raise BenchError(f"--{option} {path}: not a file in an existing directory")
+    if args.device == "cuda":
+        _check_cuda(args.memory)
+
+
+def _check_cuda(memory: bool) -> None:
+    """What `--device cuda` needs, checked before anything is built."""
+    import onnxruntime
+
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        raise BenchError(
+            "--device cuda needs onnxruntime's CUDAExecutionProvider, which this onnxruntime lacks: "
+            "pip uninstall onnxruntime && pip install onnxruntime-gpu"
+        )
+    if importlib.util.find_spec("cupy") is None:
+        raise BenchError("--device cuda needs cupy (llava-rt's arrays on the GPU): pip install cupy-cuda13x")
+    import torch
+
+    if not torch.cuda.is_available():
+        raise BenchError("--device cuda needs a CUDA GPU that torch can use (transformers' side runs on it)")
+    if memory and shutil.which("nvidia-smi") is None:
+        raise BenchError("--device cuda reads device memory with nvidia-smi, which is not on the PATH; or pass --no-memory")
 
 
 def _bench(args: argparse.Namespace) -> int:
     _validate(args)
+    if args.build_only:
+        checkpoint, root, _ = _checkpoint(args)
+        bundle, _ = _bundle(checkpoint, root, args.precision)
+        say(f"built {checkpoint} and {bundle}")
+        return 0
     result = run_benchmark(args)
     print(report(result))
     try:

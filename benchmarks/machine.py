@@ -1,8 +1,10 @@
-"""What the machine allows: streaming-read memory bandwidth (the ceiling of batch-1 decode) and peak memory."""
+"""What the machine allows: streaming-read memory bandwidth (the ceiling of batch-1 decode), on the CPU or a CUDA
+GPU, and peak memory: resident on the CPU, held on the GPU."""
 
 from __future__ import annotations
 
 import resource
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -44,6 +46,30 @@ def measure_bandwidth(threads: int, repeats: int = 5, nbytes: int = BANDWIDTH_BU
         session.run(None, feeds)
         best = min(best, time.perf_counter() - started)
     return feeds["x"].nbytes / best
+
+
+def measure_device_bandwidth(repeats: int = 5, nbytes: int = 4 * BANDWIDTH_BUFFER_BYTES) -> float:
+    """Bytes per second of a streaming read of GPU memory (torch row sums over 4 GiB, far larger than the L2 cache,
+    timed with the device synchronized); the best of `repeats`."""
+    import torch
+
+    x = torch.ones((ROWS, nbytes // 4 // ROWS), dtype=torch.float32, device="cuda")
+    x.sum(dim=1)  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        x.sum(dim=1)
+        torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - started)
+    return x.nbytes / best
+
+
+def device_memory_used_bytes(index: int = 0) -> int:
+    """Memory in use on GPU `index`, every process's, as the driver reports it (`nvidia-smi`). It covers what torch's
+    counters cannot see: onnxruntime's CUDA arena, cuBLAS workspaces, the CUDA context."""
+    query = ["nvidia-smi", f"--id={index}", "--query-gpu=memory.used", "--format=csv,noheader,nounits"]
+    return int(subprocess.run(query, capture_output=True, text=True, check=True).stdout.strip()) * 2**20
 
 
 def peak_rss_bytes() -> int:

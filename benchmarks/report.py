@@ -14,12 +14,18 @@ METRICS = (
     ("ttft_ms", "time to first token", "ms", False),
     ("decode_tokens_per_s", "decode", "tok/s", True),
     ("peak_rss_mb", "peak resident memory", "MiB", False),
+    ("peak_device_mb", "device memory held after the run", "MiB", False),
     ("roofline_fraction", "decode roofline fraction", "", True),
 )
 REFERENCE = "transformers"
 TENSORRT_NOTE = (
     "The standard (TensorRT) form of the int8 vision graphs is judged by its fake-quant accuracy in the drift table, "
     "not by its CPU speed here: onnxruntime's fused CPU int8 kernels saturate on CPUs without VNNI."
+)
+CUDA_NOTE = (
+    "On cuda: transformers runs fp16 with SDPA attention under torch.inference_mode (its time is taken with the device "
+    "synchronized); llava-rt runs onnxruntime's CUDA provider. Device memory is what each side's own process holds on "
+    "the GPU after its run, as nvidia-smi reports it (the CUDA context included)."
 )
 DRIFT_NOTES = (
     "Drift from fp32, recorded at export. Per graph: the variant run and the mean cosine of its outputs with the fp32 "
@@ -120,6 +126,8 @@ def report(result: dict[str, Any]) -> str:
     """What `llava-bench` prints: the stage table, then the drift table with what its figures mean."""
     drift = result["drift"]
     parts = [table(result)]
+    if result["config"].get("device") == "cuda":
+        parts.append(CUDA_NOTE)
     if _runs_standard_int8_vision(drift):
         parts.append(TENSORRT_NOTE)
     if drift:
@@ -177,7 +185,7 @@ def figure(result: dict[str, Any]):
     config = result["config"]
     ax.set_title(
         f"llava-bench: {config['label']}\n{config['input_tokens']} input tokens, {config['new_tokens']} new tokens, "
-        f"{config['threads']} threads, median of {config['repeats']}",
+        f"{config['threads']} threads, {config.get('device', 'cpu')}, median of {config['repeats']}",
         fontsize=10,
     )
     ax.legend(loc="best", fontsize=8)

@@ -1,10 +1,11 @@
-"""The things compared: transformers eager and llava-rt bundle choices (a precision, and a form of its variants),
-behind one `run(request)` interface.
+"""The things compared: transformers and llava-rt bundle choices (a precision, and a form of its variants), on the
+CPU or a CUDA GPU, behind one `run(request)` interface.
 
 Each run answers the same request (one image, a rendered prompt, a fixed number of new tokens with
 end-of-sequence suppressed) and returns wall-clock stage times. Time to first token runs from the raw
 image and prompt to the first new token (preprocessing, vision, prefill); decode speed is the new
-tokens after the first over the time between the first and the last.
+tokens after the first over the time between the first and the last. On a GPU every time is taken with the device
+synchronized (onnxruntime's runs return host results; transformers' side synchronizes torch).
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-BACKEND = "onnxruntime"  # what the llava-rt sides run on, on the CPU
+BACKEND = "onnxruntime"  # what the llava-rt sides run on
+DEVICES = ("cpu", "cuda")
 
 
 @dataclass(frozen=True)
@@ -44,9 +46,10 @@ class StageTimes:
 
 
 class TransformersSide:
-    """The checkpoint run by transformers in eager mode (fp32, `threads` torch threads)."""
+    """The checkpoint run by transformers: on the CPU in fp32 with eager attention (`threads` torch threads), on a CUDA
+    GPU in fp16 with SDPA attention; both under `torch.inference_mode`."""
 
-    def __init__(self, checkpoint: Path, threads: int):
+    def __init__(self, checkpoint: Path, threads: int, device: str = "cpu"):
         import torch
         from transformers import AutoProcessor
 
@@ -55,8 +58,13 @@ class TransformersSide:
         torch.set_num_threads(threads)
         self.name = "transformers"
         self.torch = torch
+        self.device = device
+        self.dtype = torch.float16 if device == "cuda" else torch.float32
         self.processor = AutoProcessor.from_pretrained(checkpoint, local_files_only=True)
-        self.model = load_model(read_checkpoint(checkpoint), torch.float32)
+        self.model = load_model(read_checkpoint(checkpoint), self.dtype)
+        if device == "cuda":
+            self.model.set_attn_implementation("sdpa")
+            self.model.to(device)
         language_model = self.model.model.language_model
         # Per token the decoder reads every weight but the embedding table (one row of it), and lm_head (tied or not).
         self.weight_bytes_per_token = (
@@ -64,6 +72,12 @@ class TransformersSide:
             - self.model.get_input_embeddings().weight.nbytes
             + self.model.lm_head.weight.nbytes
         )
+
+    def _now(self) -> float:
+        """A clock reading once the device has finished the work queued so far."""
+        if self.device == "cuda":
+            self.torch.cuda.synchronize()
+        return time.perf_counter()
 
     def run(self, request: Request) -> StageTimes:
         from transformers.generation.streamers import BaseStreamer
@@ -77,14 +91,15 @@ class TransformersSide:
             def end(self):
                 pass
 
-        started = time.perf_counter()
+        started = self._now()
         inputs = self.processor(images=[request.image], text=request.prompt, return_tensors="pt")
-        preprocess_ms = (time.perf_counter() - started) * 1e3
+        inputs = inputs.to(self.device, dtype=self.dtype)  # floating-point tensors only take the dtype
+        preprocess_ms = (self._now() - started) * 1e3
         with self.torch.inference_mode():
-            vision_started = time.perf_counter()
+            vision_started = self._now()
             self.model.model.get_image_features(pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"])
-            vision_ms = (time.perf_counter() - vision_started) * 1e3
-            generate_started = time.perf_counter()
+            vision_ms = (self._now() - vision_started) * 1e3
+            generate_started = self._now()
             self.model.generate(
                 **inputs,
                 max_new_tokens=request.new_tokens,
@@ -92,7 +107,8 @@ class TransformersSide:
                 do_sample=False,
                 streamer=Stamps(),
             )
-        new_token_stamps = stamps[1:]  # the streamer is first handed the prompt
+        # the streamer is first handed the prompt; each new token is handed over on the host (a device sync)
+        new_token_stamps = stamps[1:]
         # Time to first token: preprocessing plus generate's own vision, prefill and first choice (not the vision run above).
         ttft_ms = preprocess_ms + (new_token_stamps[0] - generate_started) * 1e3
         return StageTimes.from_stamps(preprocess_ms, vision_ms, ttft_ms, new_token_stamps)
@@ -130,13 +146,16 @@ def bundle_choices(manifest: dict[str, Any], precisions: list[str]) -> list[Bund
 
 
 class BundleSide:
-    """A bundle run by the llava-rt runtime (onnxruntime, `threads` intra-op threads), with the variants of `choice`."""
+    """A bundle run by the llava-rt runtime (onnxruntime, `threads` intra-op threads) on `device`, with the variants of
+    `choice`."""
 
-    def __init__(self, bundle: Path, threads: int, choice: BundleChoice):
+    def __init__(self, bundle: Path, threads: int, choice: BundleChoice, device: str = "cpu"):
         from ..runtime.pipeline import Pipeline
 
         self.name = choice.name
-        self.pipeline = Pipeline.load(bundle, BACKEND, threads=threads, precision=choice.precision, form=choice.form)
+        self.pipeline = Pipeline.load(
+            bundle, BACKEND, threads=threads, precision=choice.precision, form=choice.form, device=device
+        )
         decoder = self.pipeline.selection.variants["decoder"]
         self.weight_bytes_per_token = self.pipeline.bundle.graph_bytes("decoder", decoder)
 

@@ -27,6 +27,43 @@ VARIANTS = {
 }
 
 
+def _has_cuda_provider() -> bool:
+    import onnxruntime
+
+    return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+
+
+def _has_tensorrt() -> bool:
+    try:
+        import tensorrt  # noqa: F401
+    except Exception:  # PyPI's tensorrt stubs (the real wheels are on NVIDIA's index) fail on import
+        return False
+    return True
+
+
+# marker -> why a test so marked is skipped, and whether this machine has what it needs (asked once, when used)
+NEEDS = {
+    "gpu": ("needs a CUDA GPU and onnxruntime-gpu (CUDAExecutionProvider)", _has_cuda_provider),
+    "tensorrt": ("needs TensorRT (`import tensorrt`)", _has_tensorrt),
+}
+
+
+def pytest_configure(config):
+    for marker, (reason, _) in NEEDS.items():
+        config.addinivalue_line("markers", f"{marker}: {reason}; skipped where that is missing")
+
+
+def pytest_collection_modifyitems(config, items):
+    available = {}
+    for item in items:
+        for marker, (reason, check) in NEEDS.items():
+            if item.get_closest_marker(marker) is not None:
+                if marker not in available:
+                    available[marker] = check()
+                if not available[marker]:
+                    item.add_marker(pytest.mark.skip(reason=reason))
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _private_llava_rt_cache(tmp_path_factory):
     """Verification stamps (and anything else llava-rt caches per user) go to a temporary directory, also for the

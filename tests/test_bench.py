@@ -10,10 +10,10 @@ import pytest
 from PIL import Image
 
 import llava_rt.export.exporter
-from conftest import assert_one_line_error, run
+from conftest import _has_cuda_provider, assert_one_line_error, run
 from llava_rt.benchmarks.cli import _bundle, _measure, main
 from llava_rt.benchmarks.presets import PRESETS
-from llava_rt.benchmarks.report import DRIFT_NOTES, METRICS, TENSORRT_NOTE, figure, ratios, summarize
+from llava_rt.benchmarks.report import CUDA_NOTE, DRIFT_NOTES, METRICS, TENSORRT_NOTE, figure, ratios, report, summarize
 from llava_rt.export.staging import COMPLETE_MARK, built_once
 from llava_rt.export.tiny_checkpoint import TinyOnevisionSpec, build_tiny_onevision_checkpoint
 from llava_rt.runtime.bundle import FORMAT_VERSION, MANIFEST_NAME, load_bundle
@@ -29,10 +29,16 @@ def test_bench_runs_every_precision_and_form_and_reports_every_figure_and_drift(
     chart = tmp_path / "bench.png"
     argv = ["--checkpoint", str(checkpoint), "--precision", "int8,fp32", "--image-size", "48", "--prompt-tokens", "32"]
     argv += ["--new-tokens", "4", "--repeats", "1", "--warmup", "0", "--workdir", str(tmp_path / "work")]
+    assert main([*argv, "--build-only", "--json", str(out)]) == 0  # builds the bundle, measures nothing
+    (manifest,) = (tmp_path / "work").rglob(MANIFEST_NAME)
+    built = manifest.stat().st_mtime_ns
+    assert not out.exists() and "| stage |" not in capsys.readouterr().out
     assert main([*argv, "--json", str(out), "--chart", str(chart)]) == 0
+    assert manifest.stat().st_mtime_ns == built  # the bundle --build-only made is the one measured
     result = json.loads(out.read_text())
+    assert result["config"]["device"] == "cpu" and "gpu" not in result["machine"]
     # one bundle with both precisions; int8 also in the standard (TensorRT) form, which runs other variants on the CPU
-    (bundle,) = [path.parent for path in (tmp_path / "work").rglob(MANIFEST_NAME)]
+    bundle = manifest.parent
     assert bundle.name == "bundle"
     assert list(result["sides"]) == ["transformers", "llava-rt fp32", *INT8_SIDES]
     for name, side in result["sides"].items():
@@ -64,7 +70,9 @@ def test_bench_runs_every_precision_and_form_and_reports_every_figure_and_drift(
     assert result["machine"]["bandwidth_gb_per_s"] > 0
     assert result["config"]["input_tokens"] > 32
     printed = capsys.readouterr().out
-    assert all(label in printed for _, label, *_ in METRICS) and all(name in printed for name in INT8_SIDES)
+    cpu_labels = [label for key, label, *_ in METRICS if key != "peak_device_mb"]  # device memory: on a GPU only
+    assert all(label in printed for label in cpu_labels) and all(name in printed for name in INT8_SIDES)
+    assert "device memory" not in printed and CUDA_NOTE not in printed
     assert "| drift from fp32 |" in printed and "fake-quant" in printed and "not measured" in printed
     assert all(note in printed for note in (TENSORRT_NOTE, *DRIFT_NOTES))
     with Image.open(chart) as image:
@@ -147,6 +155,28 @@ def test_bad_arguments_give_one_line_errors(tmp_path):
     assert_one_line_error(result, "llava-bench", "--layers")
     result = run("llava_rt.benchmarks.cli", "--checkpoint", str(tmp_path), "--json", str(tmp_path / "missing" / "b.json"))
     assert_one_line_error(result, "llava-bench", "--json")
+
+
+@pytest.mark.skipif(_has_cuda_provider(), reason="this onnxruntime has the CUDA provider")
+def test_device_cuda_without_onnxruntime_gpu_is_one_line(tmp_path):
+    result = run("llava_rt.benchmarks.cli", "--checkpoint", str(tmp_path), "--device", "cuda")
+    assert result.returncode == 2
+    assert_one_line_error(result, "llava-bench", "--device cuda needs onnxruntime's CUDAExecutionProvider")
+    assert "pip install onnxruntime-gpu" in result.stderr
+
+
+def test_report_on_cuda_says_how_each_side_runs_and_compares_device_memory():
+    medians = {
+        "transformers": {"decode_tokens_per_s": 50.0, "peak_device_mb": 2000.0},
+        "llava-rt fp16": {"decode_tokens_per_s": 250.0, "peak_device_mb": 1500.0},
+    }
+    sides = {name: {key: summarize([value]) for key, value in entry.items()} for name, entry in medians.items()}
+    result = {"config": {"device": "cuda"}, "sides": sides, "ratios": ratios(sides), "drift": {}}
+    printed = report(result)
+    assert CUDA_NOTE in printed and "SDPA" in CUDA_NOTE and "nvidia-smi" in CUDA_NOTE
+    assert "| device memory held after the run (MiB), lower is better | 2000.0 | 1500.0 (0.75x) |" in printed
+    assert "| decode (tok/s), higher is better | 50.0 | 250.0 (5.00x) |" in printed
+    assert CUDA_NOTE not in report({**result, "config": {"device": "cpu"}})
 
 
 class Interrupted(KeyboardInterrupt):
