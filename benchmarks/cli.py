@@ -150,11 +150,11 @@ def run_benchmark(args) -> dict[str, Any]:
     """Everything `llava-bench` measures, as one JSON-ready dict."""
     checkpoint, root, label = _checkpoint(args)
     bundle, manifest = _bundle(checkpoint, root, args.precision)
-    choices = bundle_choices(manifest, args.precision)
-    request, input_tokens = _request(Pipeline.load(bundle, threads=args.threads), args)
     device = args.device
+    choices = bundle_choices(manifest, args.precision, device)
+    request, input_tokens = _request(Pipeline.load(bundle, threads=args.threads), args)
     sides = {REFERENCE: partial(TransformersSide, checkpoint, args.threads, device)}
-    sides |= {choice.name: partial(BundleSide, bundle, args.threads, choice, device) for choice in choices}
+    sides |= {choice.name: partial(BundleSide, bundle, args.threads, choice) for choice in choices}
     measured, weight_bytes = _measure(sides, request, args)
     bandwidth = measure_device_bandwidth() if device == "cuda" else measure_bandwidth(args.threads)
     results: dict[str, dict[str, Any]] = {}

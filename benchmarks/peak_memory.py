@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.precision is None:
         side = TransformersSide(args.path, args.threads, args.device)
     else:
-        side = BundleSide(args.path, args.threads, BundleChoice(args.precision, args.form), args.device)
+        side = BundleSide(args.path, args.threads, BundleChoice(args.precision, args.form, args.device))
     side.run(request)
     if args.device == "cuda":
         print(json.dumps({"device_bytes": device_memory_used_bytes() - before}))

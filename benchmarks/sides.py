@@ -117,10 +117,11 @@ class TransformersSide:
 @dataclass(frozen=True)
 class BundleChoice:
     """What one llava-rt side runs: the bundle's variants of `precision`, in `form` ("standard": TensorRT's) where a
-    graph has it, else (and for `form` None) in the runtime's default form on the CPU."""
+    graph has it, else (and for `form` None) in the runtime's default form on `device`; on `device`."""
 
     precision: str
     form: str | None = None
+    device: str = "cpu"
 
     @property
     def name(self) -> str:
@@ -130,15 +131,15 @@ class BundleChoice:
         """The runtime's `Selection` of variants for this choice."""
         from ..runtime.precision import select_variants
 
-        return select_variants(manifest, self.precision, BACKEND, self.form)
+        return select_variants(manifest, self.precision, BACKEND, self.form, self.device)
 
 
-def bundle_choices(manifest: dict[str, Any], precisions: list[str]) -> list[BundleChoice]:
-    """A side per precision in the runtime's default form, and one in the standard form where that runs other variants
-    (int8 and int4: onnxruntime's own forms against the ones TensorRT builds)."""
+def bundle_choices(manifest: dict[str, Any], precisions: list[str], device: str = "cpu") -> list[BundleChoice]:
+    """A side per precision in the runtime's default form on `device`, and one in the standard form where that runs
+    other variants (on the CPU, int8 and int4: onnxruntime's own forms against the ones TensorRT builds)."""
     choices = []
     for precision in precisions:
-        default, standard = BundleChoice(precision), BundleChoice(precision, "standard")
+        default, standard = BundleChoice(precision, None, device), BundleChoice(precision, "standard", device)
         choices.append(default)
         if standard.selection(manifest).variants != default.selection(manifest).variants:
             choices.append(standard)
@@ -146,15 +147,14 @@ def bundle_choices(manifest: dict[str, Any], precisions: list[str]) -> list[Bund
 
 
 class BundleSide:
-    """A bundle run by the llava-rt runtime (onnxruntime, `threads` intra-op threads) on `device`, with the variants of
-    `choice`."""
+    """A bundle run by the llava-rt runtime (onnxruntime, `threads` intra-op threads) as `choice` says."""
 
-    def __init__(self, bundle: Path, threads: int, choice: BundleChoice, device: str = "cpu"):
+    def __init__(self, bundle: Path, threads: int, choice: BundleChoice):
         from ..runtime.pipeline import Pipeline
 
         self.name = choice.name
         self.pipeline = Pipeline.load(
-            bundle, BACKEND, threads=threads, precision=choice.precision, form=choice.form, device=device
+            bundle, BACKEND, threads=threads, precision=choice.precision, form=choice.form, device=choice.device
         )
         decoder = self.pipeline.selection.variants["decoder"]
         self.weight_bytes_per_token = self.pipeline.bundle.graph_bytes("decoder", decoder)

@@ -14,6 +14,7 @@ from conftest import _has_cuda_provider, assert_one_line_error, run
 from llava_rt.benchmarks.cli import _bundle, _measure, main
 from llava_rt.benchmarks.presets import PRESETS
 from llava_rt.benchmarks.report import CUDA_NOTE, DRIFT_NOTES, METRICS, TENSORRT_NOTE, figure, ratios, report, summarize
+from llava_rt.benchmarks.sides import bundle_choices
 from llava_rt.export.staging import COMPLETE_MARK, built_once
 from llava_rt.export.tiny_checkpoint import TinyOnevisionSpec, build_tiny_onevision_checkpoint
 from llava_rt.runtime.bundle import FORMAT_VERSION, MANIFEST_NAME, load_bundle
@@ -136,6 +137,15 @@ def test_sides_are_measured_one_in_memory_at_a_time_in_alternating_order():
     assert weight_bytes == {name: len(name) for name in sides}
     order = [*sides, *reversed(sides)]
     assert events == [name for name in order for _ in range(2)]  # each load: one warm-up, one measured run
+
+
+def test_on_cuda_each_precision_is_one_side_running_the_gpu_forms():
+    variants = {key: {"precision": key.split(".")[0]} for key in ("fp32", "fp16", "int8", "int8.ort")}
+    manifest = {"graphs": {graph: {"variants": variants} for graph in ("vision", "decoder")}}
+    assert [choice.name for choice in bundle_choices(manifest, ["int8"])] == list(INT8_SIDES)
+    cuda = bundle_choices(manifest, ["fp16", "int8"], "cuda")
+    assert [(choice.name, choice.device) for choice in cuda] == [("llava-rt fp16", "cuda"), ("llava-rt int8", "cuda")]
+    assert cuda[1].selection(manifest).variants == {"vision": "int8", "decoder": "int8"}  # no CPU-only kernels
 
 
 def test_presets_name_the_real_architectures():
