@@ -28,13 +28,14 @@ SUMS = "SHA256SUMS"
 PYTHON_VERSION = "3.12"  # the GPU machine's python3
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
 # archive name -> requirements. `deps`: what the machine's image lacks (jsonschema and its own needs), holds in a
-# version llava-rt's export refuses (transformers 5.17, onnx-ir 1.0), or may hold too old to build llava-rt
-# (setuptools); onnxruntime-gpu: the PyPI wheel of 1.31.1 is built for CUDA 13 (libcublas.so.13) and finds CUDA and
-# cuDNN in the image's nvidia-* packages.
+# version llava-rt's export refuses (transformers 5.17, onnx-ir 1.0), or may hold too old (setuptools, to build
+# llava-rt; regex, which transformers 5.24 wants >= 2025.10.22 at import); onnxruntime-gpu: the PyPI wheel of 1.31.1
+# is built for CUDA 13 (libcublas.so.13) and finds CUDA and cuDNN in the image's nvidia-* packages.
 ARCHIVES = {
     "deps": (
         "setuptools==84.2.1",
         "transformers==5.24.0",
+        "regex==2026.11.19",
         "onnx-ir==1.1.0",
         "jsonschema==4.26.0",
         "jsonschema-specifications==2025.9.1",
