@@ -167,15 +167,18 @@ class Bundle:
             )
         return array
 
-    def session(self, graph: str, variant: str = "fp32", config: BackendConfig = BackendConfig()) -> Session:
-        """A graph variant loaded as `config` says, refused unless its inputs and outputs are the ones the manifest
-        declares. Engines a backend compiles on first use (onnxruntime's TensorRT provider) are cached in
-        `engines/<backend>-<device>/` of the bundle."""
+    def session(
+        self, graph: str, variant: str = "fp32", config: BackendConfig = BackendConfig(), plan: Path | None = None
+    ) -> Session:
+        """A graph variant loaded as `config` says (from `plan`, a TensorRT plan built from it, when given), refused
+        unless its inputs and outputs are the ones the manifest declares. Engines a backend compiles on first use
+        (onnxruntime's TensorRT provider) are cached in `engines/<backend>-<device>/` of the bundle."""
         entry = self.variant(graph, variant)
-        if entry.get("external_data"):
+        if entry.get("external_data") and plan is None:
             self.file(entry["external_data"])  # onnxruntime opens it itself
         engine_cache = self.path / "engines" / f"{config.backend}-{config.device}"
-        session = open_session(self.file(entry["file"]), config, precision=entry["precision"], engine_cache=engine_cache)
+        source = plan if plan is not None else self.file(entry["file"])
+        session = open_session(source, config, precision=entry["precision"], engine_cache=engine_cache)
         for kind in ("inputs", "outputs"):
             mismatch = _io_mismatch(entry[kind], getattr(session, kind))
             if mismatch:

@@ -7,7 +7,7 @@ import json
 import sys
 import warnings
 
-from .backends import DEVICES
+from .backends import BACKENDS, DEVICES
 from .console import add_standard_options, one_line, run_command, say
 from .errors import LlavaRtError
 from .image_processing import MAX_IMAGE_PIXELS
@@ -83,11 +83,18 @@ def build_parser() -> argparse.ArgumentParser:
         "own (default: the backend's preferred form)",
     )
     parser.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="onnxruntime",
+        help="what runs the graphs: onnxruntime (default), or the TensorRT plans `llava-engines build` wrote into the "
+        "bundle (on a GPU; needs llava-rt[tensorrt])",
+    )
+    parser.add_argument(
         "--device",
         choices=DEVICES,
-        default="cpu",
-        help="where the graphs run: the CPU, an NVIDIA GPU through onnxruntime's CUDA provider, or its TensorRT provider "
-        "(engines cached in the bundle's engines/ folder); cuda and tensorrt need onnxruntime-gpu and llava-rt[gpu]",
+        help="where onnxruntime runs the graphs: the CPU (default), an NVIDIA GPU through its CUDA provider, or its "
+        "TensorRT provider (engines cached in the bundle's engines/ folder); cuda and tensorrt need onnxruntime-gpu "
+        "and llava-rt[gpu]. TensorRT plans run on cuda",
     )
     parser.add_argument(
         "--provider-option",
@@ -238,7 +245,8 @@ def _main(args) -> int:
         max_image_pixels=args.max_image_pixels,
         precision=args.precision,
         form=args.form,
-        device=args.device,
+        backend=args.backend,
+        device=args.device or ("cuda" if args.backend == "tensorrt" else "cpu"),
         provider_options=parse_provider_options(args.provider_option),
     )
     if bundle_precisions(pipeline.manifest) != ["fp32"]:  # a choice was made: say which

@@ -168,3 +168,19 @@ def select_plans(bundle: Bundle, precision: str, trt_version: str, compute_capab
         reasons.append(f"{key}: {reason}")
     here = f"TensorRT {trt_version} on compute capability {compute_capability}"
     raise BundleError(f"no {precision} TensorRT plan of the bundle runs with {here} ({'; '.join(reasons)}); rebuild: {rebuild}")
+
+
+def plans_for(bundle: Bundle, precision: str, variants: dict[str, str]) -> EnginePlans:
+    """The `precision` plans that run on the installed TensorRT and this GPU (`select_plans`), checked to be built
+    from the graph `variants` a pipeline runs (`precision.select_variants`)."""
+    from .backends.trt import compute_capability, import_tensorrt
+
+    plans = select_plans(bundle, precision, import_tensorrt().__version__, compute_capability())
+    for graph, variant in variants.items():
+        built = plans.entry["plans"].get(graph, {}).get("variant")
+        if built != variant:
+            raise BundleError(
+                f"the {plans.key} plan of {graph} was built from {built or 'no'} variant, this runtime runs {variant}; "
+                f"rebuild: {rebuild_command(bundle.path, precision)}"
+            )
+    return plans

@@ -7,7 +7,7 @@ import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -17,6 +17,7 @@ from .chat import normalize_messages, user_turn
 from .console import progress
 from .decoding import Generator
 from .detokenize import TextStream
+from .engine_plans import plans_for
 from .errors import BundleError, InputError
 from .feature_cache import FeatureCache
 from .image_processing import MAX_IMAGE_PIXELS, ImageInput
@@ -84,7 +85,14 @@ class Pipeline:
         self.config = BackendConfig(backend, device, threads, dict(provider_options or {}))
         self.selection = select_variants(manifest, precision, backend, form, device)
         logger.info("%s", self.selection.describe())
-        self.sessions = {name: bundle.session(name, variant, self.config) for name, variant in self.selection.variants.items()}
+        variants = self.selection.variants
+        self.plans = plans_for(bundle, self.selection.precision, variants) if backend == "tensorrt" else None
+        self.sessions = {
+            name: bundle.session(name, variant, self.config, self.plans.plan_file(name) if self.plans else None)
+            for name, variant in variants.items()
+        }
+        # tiles or frames per vision-side call: bounds activations, and stays within the plans' --max-tiles
+        self.tile_batch = min(VISION_BATCH, self.plans.entry["limits"]["max_tiles"]) if self.plans else VISION_BATCH
         self.tokenizer = bundle.tokenizer()
         self.chat_template = bundle.chat_template()
         self.embed_tokens = bundle.array("embed_tokens")
@@ -129,11 +137,14 @@ class Pipeline:
         """The dtype the running variant of `graph` takes for its input `name`, as the manifest records it."""
         return self.bundle.input_dtype(graph, name, self.selection.variants[graph])
 
-    def _run_graph(self, graph: str, name: str, values: np.ndarray) -> np.ndarray:
-        """The one output of a one-input graph, its input cast to the dtype the running variant takes."""
-        session = self.sessions[graph]
-        (output,) = session.run({name: values.astype(self.input_dtype(graph, name), copy=False)}).values()
-        return output
+    def _run_graph(self, graph: str, name: str, values: np.ndarray, batches: Iterable[int] | None = None) -> np.ndarray:
+        """The one output of a one-input graph over `values` in slices of `tile_batch` along the first axis (starting
+        at `batches`, default all of them), its input cast to the dtype the running variant takes."""
+        session, dtype = self.sessions[graph], self.input_dtype(graph, name)
+        starts = range(0, len(values), self.tile_batch) if batches is None else batches
+        chunks = (values[i : i + self.tile_batch].astype(dtype, copy=False) for i in starts)
+        outputs = [next(iter(session.run({name: chunk}).values())) for chunk in chunks]
+        return outputs[0] if len(outputs) == 1 else np.concatenate(outputs)
 
     # ---- request preparation -------------------------------------------------------------------------
 
@@ -221,8 +232,8 @@ class Pipeline:
         if not media:
             return []
         pixels = np.concatenate([m.pixels for m in media])
-        batches = progress(range(0, len(pixels), VISION_BATCH), desc="vision", unit="batch", enabled=self.show_progress)
-        selected = np.concatenate([self._run_graph("vision", "pixel_values", pixels[i : i + VISION_BATCH]) for i in batches])
+        batches = progress(range(0, len(pixels), self.tile_batch), desc="vision", unit="batch", enabled=self.show_progress)
+        selected = self._run_graph("vision", "pixel_values", pixels, batches)
         bounds = np.cumsum([0] + [len(m.pixels) for m in media])
         parts = [selected[start:stop] for start, stop in zip(bounds[:-1], bounds[1:])]
         for index, item in enumerate(media):
@@ -351,6 +362,9 @@ class DecodingRun:
         self.generator: Generator | None = None
         self.streams: list[TextStream] = []
         self._cache_counts = (feature_cache.hits, feature_cache.misses) if feature_cache else (0, 0)
+        if pipeline.plans is not None:  # the KV cache is reserved for the prompt and every new token
+            context = max(len(r.input_ids) for r in requests) + max_new_tokens
+            pipeline.plans.check_request(batch=len(requests), context=min(context, pipeline.max_length))
 
     def __iter__(self) -> Iterator[tuple[int, str]]:
         pipeline = self.pipeline
