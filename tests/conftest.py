@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -205,6 +206,12 @@ def write_video(path, frames: np.ndarray, fps: int = 8):
             container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
         container.mux(stream.encode())
     return path
+
+
+def default_sigint() -> None:
+    """A `preexec_fn`: the child takes Ctrl-C as from a terminal even when the suite itself was started with SIGINT
+    ignored (`nohup`, `command &` in a script), a disposition children inherit and Python then keeps."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def run(module: str, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess:

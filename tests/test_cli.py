@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 import llava_rt
-from conftest import assert_one_line_error, run
+from conftest import assert_one_line_error, default_sigint, run
 from llava_rt.runtime import InputError
 
 
@@ -310,6 +310,7 @@ def _interactive_process(bundle, *args):
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
+        preexec_fn=default_sigint,
     )
 
 

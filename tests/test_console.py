@@ -16,6 +16,7 @@ import types
 
 import pytest
 
+from conftest import default_sigint
 from llava_rt.runtime.console import MissingExtra, require_extra
 
 # A command built on run_command: `--log` logs INFO and WARNING from a third-party logger created after the
@@ -51,7 +52,7 @@ sys.exit(run_command(add_standard_options(parser), body))
 
 
 def command(*args: str, **options) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", COMMAND, *args], text=True, **options)
+    return subprocess.Popen([sys.executable, "-c", COMMAND, *args], text=True, preexec_fn=default_sigint, **options)
 
 
 def test_a_blocked_module_and_a_module_without_spec_count_as_missing(monkeypatch):
