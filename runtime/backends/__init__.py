@@ -108,6 +108,15 @@ def parse_provider_options(items: list[str]) -> dict[str, str]:
     return options
 
 
+def cupy_module() -> ModuleType:
+    """cupy, the device arrays of every GPU backend; `BackendUnavailable` naming the extra when it is missing."""
+    try:
+        import cupy
+    except ImportError:
+        raise BackendUnavailable("running on a GPU needs cupy: pip install 'llava-rt[gpu]' (cupy-cuda13x)") from None
+    return cupy
+
+
 def to_host(array: Any) -> np.ndarray:
     """A numpy array of `array`'s contents (itself when it is one; a device array is copied to the host)."""
     return array if isinstance(array, np.ndarray) else array.get()

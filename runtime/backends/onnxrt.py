@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import BackendUnavailable, BundleError, InputError
-from . import BackendConfig, TensorSpec
+from . import BackendConfig, TensorSpec, cupy_module
 
 # onnxruntime's element type names -> numpy dtype names (the manifest's spelling).
 ORT_DTYPES = {
@@ -50,15 +50,6 @@ def _run_errors() -> tuple[type[Exception], ...]:
 
 def _spec(value) -> TensorSpec:
     return TensorSpec(value.name, ORT_DTYPES.get(value.type, value.type), tuple(value.shape))
-
-
-def _cupy():
-    """cupy, the device arrays of the GPU path (see `CudaArrays`); `BackendUnavailable` naming it when missing."""
-    try:
-        import cupy
-    except ImportError:
-        raise BackendUnavailable("running on a GPU needs cupy: pip install 'llava-rt[gpu]' (cupy-cuda13x)") from None
-    return cupy
 
 
 def providers(config: BackendConfig, precision: str, engine_cache: Path | None) -> list[tuple[str, dict[str, str]]]:
@@ -217,7 +208,7 @@ class CudaArrays:
     the run returns."""
 
     def __init__(self):
-        self.module = _cupy()
+        self.module = cupy_module()
 
     def bind_input(self, binding, name: str, array):
         if isinstance(array, np.ndarray) or array.size == 0:  # host arrays and empty pasts: onnxruntime copies them

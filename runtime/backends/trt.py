@@ -22,9 +22,8 @@ from typing import Any
 import numpy as np
 
 from ..errors import BackendUnavailable, BundleError, InputError
-from . import TensorSpec
+from . import TensorSpec, cupy_module
 
-GPU_EXTRA = 'pip install "llava-rt[gpu]"'
 TENSORRT_EXTRA = 'pip install "llava-rt[tensorrt]" (TensorRT wheels come from NVIDIA\'s package index)'
 
 
@@ -132,11 +131,7 @@ class TensorRTSession:
     @property
     def array_module(self) -> ModuleType:
         """cupy: what `bind` allocates outputs with."""
-        try:
-            import cupy
-        except ImportError:
-            raise BackendUnavailable(f"device arrays need cupy: {GPU_EXTRA}") from None
-        return cupy
+        return cupy_module()
 
     def _set_input(self, name: str, array: Any) -> None:
         """Shape and address of one input: a device array in place, a numpy array copied into this session's buffer."""
