@@ -7,7 +7,16 @@ print(pipe.generate(prompt="What is shown here?", images=["cat.png"]).text)
 
 from .bundle import Bundle, load_bundle
 from .chat_session import ChatSession, ChatTurn
-from .errors import BackendUnavailable, BundleError, CheckpointError, ExportError, InputError, LlavaRtError
+from .errors import (
+    BackendUnavailable,
+    BundleError,
+    CheckpointError,
+    ExportError,
+    InputError,
+    LlavaRtError,
+    MediaTooLarge,
+    QueueFull,
+)
 from .pipeline import GenerationResult, Pipeline
 from .request import Request
 from .sampling import SearchOptions
@@ -23,7 +32,9 @@ __all__ = [
     "GenerationResult",
     "InputError",
     "LlavaRtError",
+    "MediaTooLarge",
     "Pipeline",
+    "QueueFull",
     "Request",
     "SearchOptions",
     "load_bundle",

@@ -9,7 +9,7 @@ import numpy as np
 
 from .backends import Session, to_host
 from .kv_cache import KVCache, new_names
-from .sampling import SearchOptions, choose_tokens, process_logits
+from .sampling import SearchOptions, next_token_ids
 
 
 class Generator:
@@ -92,14 +92,10 @@ class Generator:
         holding_eos = max(len(t) for t in self.tokens) < self.options.min_new_tokens
         if self.greedy and not holding_eos:
             return to_host(self.xp.argmax(logits, axis=-1)).astype(np.int64)
-        logits = to_host(logits)
         histories = []  # only the repetition penalty reads them
         if self.options.repetition_penalty != 1.0:
             histories = [np.concatenate([ids, np.array(t, dtype=np.int64)]) for ids, t in zip(self.prompt_ids, self.tokens)]
-        if holding_eos:
-            logits = logits.copy()
-            logits[:, self.eos] = -np.inf
-        return choose_tokens(process_logits(logits, histories, self.options), self.options, self.rng)
+        return next_token_ids(to_host(logits), histories, self.options, self.rng, self.eos if holding_eos else None)
 
     def finish(self, row: int) -> None:
         """Stop a row (a stop string appeared); its tokens so far are kept."""

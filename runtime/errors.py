@@ -9,6 +9,14 @@ class InputError(LlavaRtError):
     """The caller's input (prompt, image, messages, options) is unusable."""
 
 
+class MediaTooLarge(InputError):
+    """An image or video frame is over the pixel limit (a server answers 413)."""
+
+
+class QueueFull(LlavaRtError):
+    """The scheduler's queue of waiting requests is full (a server answers 429)."""
+
+
 class BundleError(LlavaRtError):
     """A bundle is missing, incomplete, tampered with or of an unsupported format."""
 

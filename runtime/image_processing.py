@@ -10,7 +10,7 @@ from typing import Any, Union
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .errors import InputError
+from .errors import InputError, MediaTooLarge
 from .packing import select_best_resolution
 
 ImageInput = Union[str, Path, Image.Image, np.ndarray]
@@ -25,7 +25,7 @@ def check_image_size(height: int, width: int, max_pixels: int, what: str) -> Non
     if height < 1 or width < 1:
         raise InputError(f"{what} is empty ({width}x{height} pixels)")
     if height * width > max_pixels:
-        raise InputError(f"{what} is too large: {width}x{height} is {height * width} pixels, the limit is {max_pixels}")
+        raise MediaTooLarge(f"{what} is too large: {width}x{height} is {height * width} pixels, the limit is {max_pixels}")
     if max(height, width) > MAX_ASPECT_RATIO * min(height, width):
         raise InputError(f"{what} is too elongated: {width}x{height}, the limit is {MAX_ASPECT_RATIO}:1")
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import logging
 import re
 import time
+from collections.abc import Generator as Steps
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterator, Sequence, TypeVar
 
 import numpy as np
 
@@ -29,7 +30,17 @@ from .sampling import SearchOptions
 from .video import VideoInput
 
 logger = logging.getLogger("llava_rt")
+Result = TypeVar("Result")
 VISION_BATCH = 16  # tiles or frames per vision call: bounds its activations, and steps the CLI's progress bar
+
+
+def run_steps(steps: Steps[None, None, Result]) -> Result:
+    """Run a step generator (as `Pipeline.feature_steps` makes) to its end; its return value."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
 
 
 @dataclass
@@ -137,12 +148,11 @@ class Pipeline:
         """The dtype the running variant of `graph` takes for its input `name`, as the manifest records it."""
         return self.bundle.input_dtype(graph, name, self.selection.variants[graph])
 
-    def _run_graph(self, graph: str, name: str, values: np.ndarray, batches: Iterable[int] | None = None) -> np.ndarray:
-        """The one output of a one-input graph over `values` in slices of `tile_batch` along the first axis (starting
-        at `batches`, default all of them), its input cast to the dtype the running variant takes."""
+    def _run_graph(self, graph: str, name: str, values: np.ndarray) -> np.ndarray:
+        """The one output of a one-input graph over `values` in slices of `tile_batch` along the first axis, its
+        input cast to the dtype the running variant takes."""
         session, dtype = self.sessions[graph], self.input_dtype(graph, name)
-        starts = range(0, len(values), self.tile_batch) if batches is None else batches
-        chunks = (values[i : i + self.tile_batch].astype(dtype, copy=False) for i in starts)
+        chunks = (values[i : i + self.tile_batch].astype(dtype, copy=False) for i in range(0, len(values), self.tile_batch))
         outputs = [next(iter(session.run({name: chunk}).values())) for chunk in chunks]
         return outputs[0] if len(outputs) == 1 else np.concatenate(outputs)
 
@@ -215,25 +225,35 @@ class Pipeline:
     def media_features(self, requests: list[PreparedRequest], cache: FeatureCache | None = None) -> list[np.ndarray]:
         """Features of every image and video of every request, in order; with a `cache`, media seen before are
         taken from it and only the others run through the graphs."""
-        media = [m for request in requests for m in request.media]
+        return run_steps(self.feature_steps([m for request in requests for m in request.media], cache))
+
+    def feature_steps(
+        self, media: list[Media], cache: FeatureCache | None = None, batch: int | None = None
+    ) -> Steps[None, None, list[np.ndarray]]:
+        """`media_features` one vision call at a time (of `batch` tiles or frames, default `tile_batch`): a generator
+        that yields after each and returns the features, so a scheduler can run other work in between."""
         if cache is None:
-            return self._compute_features(media)
+            return (yield from self._compute_features(media, batch or self.tile_batch))
         keys = [cache.key(m) for m in media]
         found = [cache.get(key) for key in keys]
         missing = [i for i, features in enumerate(found) if features is None]
-        for i, features in zip(missing, self._compute_features([media[i] for i in missing])):
+        computed = yield from self._compute_features([media[i] for i in missing], batch or self.tile_batch)
+        for i, features in zip(missing, computed):
             cache.put(keys[i], features)
             found[i] = features
         return found
 
-    def _compute_features(self, media: list[Media]) -> list[np.ndarray]:
-        """One vision call covers every tile and frame; NeXT-Video frames then go through the `video_pool`
-        graph; the projector runs once per distinct token count (tiles, pooled frames)."""
+    def _compute_features(self, media: list[Media], batch: int) -> Steps[None, None, list[np.ndarray]]:
+        """One vision call per `batch` tiles and frames of all media; NeXT-Video frames then go through the
+        `video_pool` graph; the projector runs once per distinct token count (tiles, pooled frames)."""
         if not media:
             return []
         pixels = np.concatenate([m.pixels for m in media])
-        batches = progress(range(0, len(pixels), self.tile_batch), desc="vision", unit="batch", enabled=self.show_progress)
-        selected = self._run_graph("vision", "pixel_values", pixels, batches)
+        selected = []
+        for start in progress(range(0, len(pixels), batch), desc="vision", unit="batch", enabled=self.show_progress):
+            selected.append(self._run_graph("vision", "pixel_values", pixels[start : start + batch]))
+            yield
+        selected = np.concatenate(selected)
         bounds = np.cumsum([0] + [len(m.pixels) for m in media])
         parts = [selected[start:stop] for start, stop in zip(bounds[:-1], bounds[1:])]
         for index, item in enumerate(media):

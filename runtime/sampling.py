@@ -150,3 +150,19 @@ def choose_tokens(scores: np.ndarray, options: SearchOptions, rng: np.random.Gen
     cumulative = np.cumsum(probs, axis=-1)
     draws = rng.random(len(probs)) * cumulative[:, -1]
     return np.array([np.searchsorted(row, draw, side="right") for row, draw in zip(cumulative, draws)], dtype=np.int64)
+
+
+def next_token_ids(
+    logits: np.ndarray,
+    histories: list[np.ndarray],
+    options: SearchOptions,
+    rng: np.random.Generator,
+    blocked: np.ndarray | None = None,
+) -> np.ndarray:
+    """Each row's next token (`[B]`) from host last-token logits: processed, then argmax or a draw. `histories` as for
+    `process_logits` (read only by the repetition penalty); `blocked` ids (end-of-sequence tokens before
+    `min_new_tokens`) are never chosen."""
+    if blocked is not None:
+        logits = logits.copy()
+        logits[:, blocked] = -np.inf
+    return choose_tokens(process_logits(logits, histories, options), options, rng)
