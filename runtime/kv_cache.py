@@ -71,3 +71,99 @@ class KVCache:
         slots = np.zeros((len(new_mask), self.capacity), dtype=np.int64)
         slots[:, : self.length] = token_mask[:, : self.length]
         return {"attention_mask": np.concatenate([slots, new_mask], axis=1), **self.buffers}
+
+
+MIN_SLOT_CAPACITY = 256  # tokens per row a slot cache never shrinks below
+
+
+class SlotKVCache:
+    """Keys and values for a fixed set of slots, one batch row each, every row with its own length.
+
+    Buffers are `[slots, kv_heads, capacity, head_dim]`; row `s` holds its first `lengths[s]` tokens, and `tokens[s]`
+    says which: one int64 per token, the token id, or for an image or video token a negative number derived from the
+    media's content, so two rows hold the same keys and values exactly where their `tokens` agree (the same ids and
+    the same media at the same positions give the same keys and values). A row keeps its contents after its request
+    ends, for a later request with the same prefix (`longest_prefix`, `copy_prefix`). The capacity follows the longest
+    row (`fit`): the graph attends over the whole capacity, masked, so it is kept near what the rows use.
+    """
+
+    def __init__(self, spec: dict[str, int], slots: int, dtype, max_capacity: int, array_module: ModuleType = np):
+        self.spec, self.max_capacity, self.array_module = spec, max_capacity, array_module
+        self.shape, self.dtype = (slots, spec["num_kv_heads"], 0, spec["head_dim"]), dtype
+        self.buffers = {name: array_module.zeros(self.shape, dtype=dtype) for name in past_names(spec)}
+        self.lengths = np.zeros(slots, dtype=np.int64)
+        self.tokens = [np.zeros(0, dtype=np.int64) for _ in range(slots)]
+
+    @property
+    def capacity(self) -> int:
+        return next(iter(self.buffers.values())).shape[2]
+
+    def fit(self, needed: int) -> None:
+        """Make the capacity at least `needed` tokens (doubling, up to `max_capacity`), or shrink it when the rows
+        use less than a quarter of it (rows of ended requests lose the tokens past the new capacity)."""
+        capacity = self.capacity
+        if needed > capacity:
+            new = min(max(needed, 2 * capacity, MIN_SLOT_CAPACITY), self.max_capacity)
+        elif capacity > MIN_SLOT_CAPACITY and 4 * needed <= capacity:
+            new = max(2 * needed, MIN_SLOT_CAPACITY)
+        else:
+            return
+        kept = min(capacity, new)
+        for name, buffer in self.buffers.items():
+            resized = self.array_module.zeros((*buffer.shape[:2], new, buffer.shape[3]), dtype=buffer.dtype)
+            resized[:, :, :kept] = buffer[:, :, :kept]
+            self.buffers[name] = resized
+        np.minimum(self.lengths, new, out=self.lengths)
+        self.tokens = [tokens[:new] for tokens in self.tokens]
+
+    def longest_prefix(self, tokens: np.ndarray) -> tuple[int, int]:
+        """The slot holding the longest prefix of `tokens`, and that prefix's length (0 when none)."""
+        best = (0, 0)
+        for slot, held in enumerate(self.tokens):
+            size = min(len(held), len(tokens))
+            differ = np.flatnonzero(held[:size] != tokens[:size])
+            length = int(differ[0]) if len(differ) else size
+            if length > best[1]:
+                best = (slot, length)
+        return best
+
+    def keep(self, slot: int, length: int) -> None:
+        """Keep only the first `length` tokens of `slot` (the next tokens written go after them)."""
+        self.lengths[slot] = min(length, self.lengths[slot])
+        self.tokens[slot] = self.tokens[slot][: self.lengths[slot]]
+
+    def copy_prefix(self, source: int, target: int, length: int) -> None:
+        """Give `target` the first `length` tokens of `source` (a copy on the cache's device)."""
+        for buffer in self.buffers.values():
+            buffer[target, :, :length] = buffer[source, :, :length]
+        self.lengths[target] = length
+        self.tokens[target] = self.tokens[source][:length].copy()
+
+    def feeds(self, rows: range, attending: list[int], new_tokens: int) -> dict:
+        """The past inputs and `attention_mask` of one decoder run over the consecutive slots `rows`, feeding
+        `new_tokens` tokens each: slots in `attending` attend to their cached tokens, the others only to their new
+        ones (their outputs are not kept)."""
+        mask = np.zeros((len(rows), self.capacity + new_tokens), dtype=np.int64)
+        for slot in attending:
+            mask[slot - rows.start, : self.lengths[slot]] = 1
+        mask[:, self.capacity :] = 1
+        window = slice(rows.start, rows.stop)
+        return {"attention_mask": mask, **{name: buffer[window] for name, buffer in self.buffers.items()}}
+
+    def write(self, slots: list[int], rows: list[int], new: dict, tokens: np.ndarray) -> None:
+        """Append the decoder's `new_key_values.*` of batch row `rows[i]` to slot `slots[i]`; `tokens` (`[len(slots),
+        count]`) says what they are. One token per slot is written by one indexed copy per buffer."""
+        count = tokens.shape[1]
+        if count == 1:
+            xp = self.array_module
+            targets, sources, positions = xp.asarray(slots), xp.asarray(rows), xp.asarray(self.lengths[slots])
+            for past_name, new_name in zip(self.buffers, new_names(self.spec)):
+                self.buffers[past_name][targets, :, positions] = new[new_name][sources, :, 0]
+        else:
+            for slot, row in zip(slots, rows):
+                start = self.lengths[slot]
+                for past_name, new_name in zip(self.buffers, new_names(self.spec)):
+                    self.buffers[past_name][slot, :, start : start + count] = new[new_name][row]
+        for slot, written in zip(slots, tokens):
+            self.tokens[slot] = np.concatenate([self.tokens[slot], written])
+        self.lengths[slots] += count

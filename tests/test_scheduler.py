@@ -1,0 +1,176 @@
+"""Continuous batching: each request's answer in a shared, changing batch equals its answer served alone."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import random_image
+from llava_rt.runtime import InputError, QueueFull, Request
+from llava_rt.runtime.kv_cache import MIN_SLOT_CAPACITY, SlotKVCache
+from llava_rt.runtime.scheduler import Scheduler
+
+QUESTIONS = [
+    dict(prompt="Tell me a story about a boat.", max_new_tokens=24),
+    dict(prompt="What is shown?", images=[random_image(40, 60, seed=1)], max_new_tokens=20),
+    dict(prompt="Compare them.", images=[random_image(32, 32, seed=2), random_image(70, 30, seed=3)], max_new_tokens=16),
+    dict(prompt="Describe it.", images=[random_image(50, 50, seed=4)], max_new_tokens=12, temperature=0.9, seed=5),
+    dict(prompt="Say something.", max_new_tokens=18, temperature=1.3, top_k=20, top_p=0.9, seed=11),
+    dict(prompt="Repeat after me.", max_new_tokens=14, repetition_penalty=1.3, min_new_tokens=10),
+    dict(prompt="Count.", max_new_tokens=30, stop=["a", "e"]),
+]
+
+
+@pytest.fixture(scope="module")
+def pipeline(pipelines):
+    return pipelines["mistral"]
+
+
+def _alone(pipeline, question):
+    return pipeline.generate(**question)
+
+
+@pytest.mark.parametrize("concurrency, chunk", [(3, 5), (8, 64)])
+def test_every_answer_equals_its_answer_served_alone(pipeline, concurrency, chunk):
+    expected = [_alone(pipeline, q) for q in QUESTIONS]
+    with Scheduler(pipeline, max_concurrency=concurrency, prefill_chunk=chunk) as scheduler:
+        completions = [scheduler.submit(Request.build(**q)) for q in QUESTIONS]
+        results = [c.result(timeout=120) for c in completions]
+    for question, want, got in zip(QUESTIONS, expected, results):
+        assert got.token_ids == want.token_ids, question
+        assert got.text == want.text
+        assert got.finish_reason == want.finish_reason
+        assert got.input_tokens == want.input_tokens
+
+
+def test_streamed_pieces_and_events(pipeline):
+    question = QUESTIONS[1]
+    expected = _alone(pipeline, question)
+    with Scheduler(pipeline, max_concurrency=2) as scheduler:
+        pieces = list(scheduler.submit(Request.build(**question)))
+        completion = scheduler.submit(Request.build(**question))
+        completion.result(timeout=60)
+        events = completion.poll()
+    assert "".join(pieces) == expected.text
+    assert sum(e.tokens for e in events) == len(expected.token_ids)
+    assert [e.finish_reason for e in events][-1] == expected.finish_reason
+    assert all(e.finish_reason is None for e in events[:-1])
+    assert "".join(e.text for e in events) == expected.text
+
+
+def test_finish_reasons_length_and_context(pipeline):
+    with Scheduler(pipeline, max_concurrency=2) as scheduler:
+        short = scheduler.generate(prompt="Hello there.", max_new_tokens=3)
+        words = pipeline.max_length
+        while len(pipeline.tokenizer.encode("word " * words)) > pipeline.max_length - 30:
+            words -= 8
+        long_prompt = "word " * words
+        cut = scheduler.generate(prompt=long_prompt, max_new_tokens=500)
+    assert short.finish_reason == "length" and len(short.token_ids) == 3
+    alone = pipeline.generate(prompt=long_prompt, max_new_tokens=500)
+    assert cut.token_ids == alone.token_ids and cut.finish_reason == alone.finish_reason
+    assert cut.input_tokens + len(cut.token_ids) <= pipeline.max_length
+
+
+def test_a_continued_conversation_reuses_its_prefix_and_skips_the_vision(pipeline):
+    image = random_image(48, 64, seed=7)
+    first_turn = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]}]
+    with Scheduler(pipeline, max_concurrency=2, prefill_chunk=16) as scheduler:
+        first = scheduler.generate(first_turn, images=[image], max_new_tokens=10)
+        second_turn = first_turn + [
+            {"role": "assistant", "content": first.text},
+            {"role": "user", "content": "And the colours?"},
+        ]
+        misses = scheduler.feature_cache.misses
+        second = scheduler.generate(second_turn, images=[image], max_new_tokens=10)
+        stats = scheduler.stats()
+    assert second.reused_tokens >= first.input_tokens - 1
+    assert stats["prefix_cache_hits"] == 1 and stats["prefix_cache_tokens"] == second.reused_tokens
+    assert scheduler.feature_cache.misses == misses  # the image lies inside the reused prefix: no vision run
+    alone = pipeline.generate(second_turn, images=[image], max_new_tokens=10)
+    assert second.token_ids == alone.token_ids
+
+
+def test_a_shared_prefix_is_copied_from_a_busy_slot(pipeline):
+    image = random_image(48, 48, seed=9)
+    system = {"role": "system", "content": "You are a careful assistant who describes pictures in detail."}
+
+    def conversation(question):
+        return [system, {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+
+    with Scheduler(pipeline, max_concurrency=2, prefill_chunk=8) as scheduler:
+        running = scheduler.submit(Request.build(conversation("What is it?"), images=[image], max_new_tokens=40))
+        next(iter(running))  # the first request is decoding: its slot is busy
+        other = scheduler.submit(Request.build(conversation("Where is it?"), images=[image], max_new_tokens=8)).result(60)
+        running.result(60)
+    assert other.reused_tokens > 0
+    assert other.token_ids == pipeline.generate(conversation("Where is it?"), images=[image], max_new_tokens=8).token_ids
+
+
+def test_cancel_frees_the_slot_at_the_next_step(pipeline):
+    with Scheduler(pipeline, max_concurrency=1, max_queue=1) as scheduler:
+        long = scheduler.submit(Request.build(prompt="Go on and on.", max_new_tokens=400))
+        waiting = scheduler.submit(Request.build(prompt="Short one.", max_new_tokens=4))
+        with pytest.raises(QueueFull):
+            scheduler.submit(Request.build(prompt="One too many.", max_new_tokens=4))
+        next(iter(long))
+        long.cancel()
+        served = waiting.result(timeout=60)
+        cancelled = long.result(timeout=60)
+    assert cancelled.finish_reason == "abort" and len(cancelled.token_ids) < 400
+    assert served.token_ids == pipeline.generate(prompt="Short one.", max_new_tokens=4).token_ids
+
+
+def test_close_aborts_what_is_left_and_refuses_new_requests(pipeline):
+    scheduler = Scheduler(pipeline, max_concurrency=1, max_queue=4).start()
+    running = scheduler.submit(Request.build(prompt="Keep talking.", max_new_tokens=400))
+    queued = scheduler.submit(Request.build(prompt="Later.", max_new_tokens=4))
+    next(iter(running))
+    scheduler.close()
+    assert running.result(timeout=10).finish_reason == "abort"
+    assert queued.result(timeout=10).finish_reason == "abort"
+    with pytest.raises(InputError, match="closed"):
+        scheduler.submit(Request.build(prompt="After.", max_new_tokens=4))
+
+
+def test_bad_options_are_input_errors_at_submit(pipeline):
+    with Scheduler(pipeline) as scheduler:
+        with pytest.raises(InputError, match="top_p"):
+            scheduler.submit(Request.build(prompt="Hi", top_p=2.0))
+        with pytest.raises(InputError, match="placeholders"):
+            scheduler.submit(Request.build(prompt="<image> Hi", apply_chat_template=False))
+    with pytest.raises(InputError, match="max_concurrency"):
+        Scheduler(pipeline, max_concurrency=0)
+    with pytest.raises(InputError, match="max_queue"):
+        Scheduler(pipeline, max_queue=-1)
+
+
+SPEC = {"num_layers": 2, "num_kv_heads": 2, "head_dim": 4}
+
+
+def test_slot_cache_prefixes_copies_and_capacity():
+    cache = SlotKVCache(SPEC, slots=3, dtype=np.float32, max_capacity=4096)
+    cache.fit(10)
+    assert cache.capacity == MIN_SLOT_CAPACITY
+    new = {f"new_key_values.{i}.{kv}": np.full((1, 2, 5, 4), i + 1, np.float32) for i in range(2) for kv in ("key", "value")}
+    cache.write([1], [0], new, np.arange(5)[None])
+    assert cache.longest_prefix(np.array([0, 1, 2, 9])) == (1, 3)
+    assert cache.longest_prefix(np.array([7, 1])) == (0, 0)
+    cache.copy_prefix(1, 2, 4)
+    assert cache.lengths.tolist() == [0, 5, 4]
+    assert np.array_equal(cache.buffers["past_key_values.1.value"][2, :, :4], np.full((2, 4, 4), 2, np.float32))
+    step = {f"new_key_values.{i}.{kv}": np.arange(3 * 8, dtype=np.float32).reshape(3, 2, 1, 4) for i in range(2) for kv in ("key", "value")}
+    cache.write([2, 0], [2, 0], step, np.array([[40], [41]]))
+    assert np.array_equal(cache.buffers["past_key_values.0.key"][2, :, 4], step["new_key_values.0.key"][2, :, 0])
+    assert np.array_equal(cache.buffers["past_key_values.0.key"][0, :, 0], step["new_key_values.0.key"][0, :, 0])
+    assert cache.tokens[2].tolist() == [0, 1, 2, 3, 40] and cache.lengths.tolist() == [1, 5, 5]
+    feeds = cache.feeds(range(0, 2), [1], 1)
+    assert feeds["attention_mask"].shape == (2, MIN_SLOT_CAPACITY + 1)
+    assert feeds["attention_mask"][1, :6].tolist() == [1, 1, 1, 1, 1, 0] and feeds["attention_mask"][0].sum() == 1
+    cache.fit(2000)
+    assert cache.capacity == 2000 and cache.tokens[2].tolist() == [0, 1, 2, 3, 40]
+    assert np.array_equal(cache.buffers["past_key_values.1.value"][2, :, :4], np.full((2, 4, 4), 2, np.float32))
+    cache.fit(100)  # shrinks: the rows use under a quarter of it
+    assert cache.capacity == MIN_SLOT_CAPACITY and cache.lengths.tolist() == [1, 5, 5]
+    cache.keep(1, 2)
+    assert cache.lengths[1] == 2 and cache.tokens[1].tolist() == [0, 1]
