@@ -5,10 +5,9 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Generator as Steps
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence, TypeVar
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -30,17 +29,7 @@ from .sampling import SearchOptions
 from .video import VideoInput
 
 logger = logging.getLogger("llava_rt")
-Result = TypeVar("Result")
 VISION_BATCH = 16  # tiles or frames per vision call: bounds its activations, and steps the CLI's progress bar
-
-
-def run_steps(steps: Steps[None, None, Result]) -> Result:
-    """Run a step generator (as `Pipeline.feature_steps` makes) to its end; its return value."""
-    while True:
-        try:
-            next(steps)
-        except StopIteration as done:
-            return done.value
 
 
 @dataclass
@@ -223,37 +212,30 @@ class Pipeline:
         return np.ascontiguousarray(self.embed_tokens[ids], dtype=self.embeds_dtype)
 
     def media_features(self, requests: list[PreparedRequest], cache: FeatureCache | None = None) -> list[np.ndarray]:
-        """Features of every image and video of every request, in order; with a `cache`, media seen before are
-        taken from it and only the others run through the graphs."""
-        return run_steps(self.feature_steps([m for request in requests for m in request.media], cache))
+        """Features of every image and video of every request, in order (see `features`)."""
+        return self.features([m for request in requests for m in request.media], cache)
 
-    def feature_steps(
-        self, media: list[Media], cache: FeatureCache | None = None, batch: int | None = None
-    ) -> Steps[None, None, list[np.ndarray]]:
-        """`media_features` one vision call at a time (of `batch` tiles or frames, default `tile_batch`): a generator
-        that yields after each and returns the features, so a scheduler can run other work in between."""
+    def features(self, media: list[Media], cache: FeatureCache | None = None) -> list[np.ndarray]:
+        """Features of images and videos, in order; with a `cache`, media seen before are taken from it and only the
+        others run through the graphs."""
         if cache is None:
-            return (yield from self._compute_features(media, batch or self.tile_batch))
+            return self._compute_features(media)
         keys = [cache.key(m) for m in media]
         found = [cache.get(key) for key in keys]
         missing = [i for i, features in enumerate(found) if features is None]
-        computed = yield from self._compute_features([media[i] for i in missing], batch or self.tile_batch)
-        for i, features in zip(missing, computed):
+        for i, features in zip(missing, self._compute_features([media[i] for i in missing])):
             cache.put(keys[i], features)
             found[i] = features
         return found
 
-    def _compute_features(self, media: list[Media], batch: int) -> Steps[None, None, list[np.ndarray]]:
-        """One vision call per `batch` tiles and frames of all media; NeXT-Video frames then go through the
+    def _compute_features(self, media: list[Media]) -> list[np.ndarray]:
+        """Vision calls of `tile_batch` tiles and frames over all media; NeXT-Video frames then go through the
         `video_pool` graph; the projector runs once per distinct token count (tiles, pooled frames)."""
         if not media:
             return []
         pixels = np.concatenate([m.pixels for m in media])
-        selected = []
-        for start in progress(range(0, len(pixels), batch), desc="vision", unit="batch", enabled=self.show_progress):
-            selected.append(self._run_graph("vision", "pixel_values", pixels[start : start + batch]))
-            yield
-        selected = np.concatenate(selected)
+        batches = progress(range(0, len(pixels), self.tile_batch), desc="vision", unit="batch", enabled=self.show_progress)
+        selected = np.concatenate([self._run_graph("vision", "pixel_values", pixels[i : i + self.tile_batch]) for i in batches])
         bounds = np.cumsum([0] + [len(m.pixels) for m in media])
         parts = [selected[start:stop] for start, stop in zip(bounds[:-1], bounds[1:])]
         for index, item in enumerate(media):

@@ -2,9 +2,10 @@
 
 A `Scheduler` owns `max_concurrency` slots, each one row of the decoder's batch with its own KV length, positions,
 search options, random generator, stop strings, token budget and text stream. A background thread repeats: admit
-waiting requests into free slots, run one decode step over every decoding slot, then advance one request's prefill
-by one unit (a vision call of `vision_batch` tiles or frames, or a chunk of `prefill_chunk` prompt tokens), so a long
-prefill delays each running stream by one unit per step instead of stalling it for the whole prefill.
+waiting requests into free slots, run one decode step over every decoding slot, then feed one request's prompt by
+one chunk of `prefill_chunk` tokens. A new request's images and videos go through the vision graphs on a thread of
+their own meanwhile, so neither a long prompt nor a large image stalls the running streams for its whole prefill:
+they are slowed by one chunk per step and by sharing the CPU (or GPU) with the vision graphs.
 
 Each slot keeps the keys and values of its last request after it ends. A new request starts in the slot holding the
 longest prefix of its prompt (same tokens, same images at the same places), or has that prefix copied from a busy
@@ -23,7 +24,8 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from queue import SimpleQueue
 
@@ -34,7 +36,7 @@ from .detokenize import TextStream
 from .errors import InputError, QueueFull
 from .feature_cache import FeatureCache
 from .kv_cache import SlotKVCache
-from .pipeline import GenerationResult, Pipeline, PreparedRequest, Steps
+from .pipeline import GenerationResult, Pipeline, PreparedRequest
 from .request import Request, check_positive_int
 from .sampling import SearchOptions, next_token_ids
 
@@ -56,8 +58,8 @@ class Event:
 
 
 class Completion:
-    """A submitted request. Read its events as they come (`poll`, non-blocking; or iterate it for text pieces,
-    blocking), or wait for the whole answer (`result`). `cancel` ends it at the next step."""
+    """A submitted request. Read its events as they come (`poll`, non-blocking; `events`, blocking), iterate it for its
+    text pieces (blocking), or wait for the whole answer (`result`). `cancel` ends it at the next step."""
 
     def __init__(self, request: Request, prepared: PreparedRequest, options: SearchOptions, notify: Callable[[], None] | None):
         self.id = uuid.uuid4().hex
@@ -68,6 +70,7 @@ class Completion:
         self.token_ids: list[int] = []
         self.text_pieces: list[str] = []
         self.reused_tokens = 0
+        self.token_keys: np.ndarray | None = None  # what each prompt position holds (see `SlotKVCache`)
         self.finish_reason: str | None = None
         self.error: BaseException | None = None
         self._notify = notify
@@ -94,16 +97,21 @@ class Completion:
             events.append(self._events.get())
         return events
 
-    def __iter__(self) -> Iterator[str]:
-        """The answer's text pieces as they are produced (blocking); raises the error of a request that failed."""
+    def events(self) -> Iterator[Event]:
+        """The events as they are produced (blocking), up to and including the last one."""
         while True:
             event = self._events.get()
+            yield event
+            if event.finish_reason is not None:
+                return
+
+    def __iter__(self) -> Iterator[str]:
+        """The answer's text pieces as they are produced (blocking); raises the error of a request that failed."""
+        for event in self.events():
             if event.text:
                 yield event.text
-            if event.finish_reason is not None:
-                if event.error is not None:
-                    raise event.error
-                return
+            if event.error is not None:
+                raise event.error
 
     def result(self, timeout: float | None = None) -> GenerationResult:
         """The whole answer, once the request has ended (waits up to `timeout` seconds; `TimeoutError` after)."""
@@ -144,13 +152,13 @@ class Slot:
 
     index: int
     completion: Completion | None = None
-    prefill: Steps[None, None, None] | None = None  # the request's prefill, one unit per step; None once decoding
+    prefill: Generator[Future | None, None, None] | None = None  # the request's prefill, one unit per step; None once decoding
+    waiting: Future | None = None  # the image features its prefill waits for
     stream: TextStream | None = None
     rng: np.random.Generator | None = None
     budget: int = 0  # how many tokens the request may generate (max_new_tokens, within the context)
     next_token: int = 0  # the last token chosen, fed at the next decode step
     freed_at: float = 0.0  # when its last request ended: the least recently used free slot is taken first
-    keys: np.ndarray | None = None  # the prompt's token keys (see `SlotKVCache`)
     history: list[int] = field(default_factory=list)  # prompt and answer ids, kept for the repetition penalty only
 
 
@@ -165,18 +173,16 @@ class Scheduler:
         max_concurrency: int = 4,
         max_queue: int = 64,
         prefill_chunk: int = 256,
-        vision_batch: int = 1,
         feature_cache_mb: float = 512.0,
     ):
         max_concurrency = check_positive_int("max_concurrency", max_concurrency)
         prefill_chunk = check_positive_int("prefill_chunk", prefill_chunk)
-        vision_batch = check_positive_int("vision_batch", vision_batch)
         if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 0:
             raise InputError(f"max_queue must be an integer >= 0, got {max_queue!r}")
         if pipeline.plans is not None:
             pipeline.plans.check_request(batch=max_concurrency)
         self.pipeline, self.max_queue = pipeline, max_queue
-        self.prefill_chunk, self.vision_batch = prefill_chunk, min(vision_batch, pipeline.tile_batch)
+        self.prefill_chunk = prefill_chunk
         self.feature_cache = FeatureCache(feature_cache_mb)
         decoder = pipeline.sessions["decoder"]
         self.binding, self.xp, self.outputs = decoder.bind(), decoder.array_module, [o.name for o in decoder.outputs]
@@ -189,6 +195,7 @@ class Scheduler:
         self._wake = threading.Condition()
         self._closing = False
         self._thread: threading.Thread | None = None
+        self._vision = ThreadPoolExecutor(1, thread_name_prefix="llava-rt-vision")
         self.prefix_cache_hits = self.prefix_cache_tokens = 0
 
     # ---- the caller's side ---------------------------------------------------------------------------------
@@ -213,6 +220,7 @@ class Scheduler:
             context = min(len(prepared.input_ids) + request.max_new_tokens, self.pipeline.max_length)
             self.pipeline.plans.check_request(context=context)
         completion = Completion(request, prepared, options, notify)
+        completion.token_keys = self._token_keys(prepared)  # hashes the pixels: here, not under the lock
         with self._wake:
             if self._closing:
                 raise InputError("the scheduler is closed")
@@ -247,6 +255,7 @@ class Scheduler:
             self._wake.notify()
         if self._thread is not None:
             self._thread.join()
+        self._vision.shutdown()
         for slot in self.slots:
             if slot.completion is not None:
                 self._finish(slot, "abort")
@@ -278,9 +287,15 @@ class Scheduler:
             if decoding:
                 self._guarded(decoding, self._decode_step)
             prefilling = [slot for slot in self.slots if slot.prefill is not None]
-            if prefilling:
-                oldest = min(prefilling, key=lambda slot: slot.completion.created)
-                self._guarded([oldest], lambda slots: next(slots[0].prefill, None))
+            ready = [slot for slot in prefilling if slot.waiting is None or slot.waiting.done()]
+            if ready:
+                self._guarded([min(ready, key=lambda slot: slot.completion.created)], self._prefill_step)
+            elif prefilling and not decoding:
+                wait([slot.waiting for slot in prefilling], timeout=0.1, return_when=FIRST_COMPLETED)
+
+    def _prefill_step(self, slots: list[Slot]) -> None:
+        """Advance one request's prefill by one unit (it may stop to wait for its image features)."""
+        slots[0].waiting = next(slots[0].prefill, None)
 
     def _admit(self) -> list[Slot]:
         """Drop cancelled waiting requests and move the others into free slots (under the lock); the slots taken."""
@@ -290,15 +305,15 @@ class Scheduler:
         admitted = []
         while self._waiting and any(slot.completion is None for slot in self.slots):
             completion = self._waiting.popleft()
-            slot = self._place(completion, self._token_keys(completion.prepared))
+            slot = self._place(completion)
             slot.completion = completion
             admitted.append(slot)
         return admitted
 
-    def _place(self, completion: Completion, keys: np.ndarray) -> Slot:
+    def _place(self, completion: Completion) -> Slot:
         """The free slot for a request: the one holding the longest prefix of its prompt, else the least recently
         used, given the prefix by a copy from the busy slot holding it. Keeps at least one prompt token to feed."""
-        free = [slot for slot in self.slots if slot.completion is None]
+        free, keys = [slot for slot in self.slots if slot.completion is None], completion.token_keys
         source, length = self.cache.longest_prefix(keys)
         length = min(length, len(keys) - 1)
         holders = [slot for slot in free if slot.index == source]
@@ -309,7 +324,7 @@ class Scheduler:
         if length:
             self.prefix_cache_hits += 1
             self.prefix_cache_tokens += length
-        completion.reused_tokens, slot.keys = length, keys
+        completion.reused_tokens = length
         return slot
 
     def _token_keys(self, prepared: PreparedRequest) -> np.ndarray:
@@ -349,20 +364,24 @@ class Scheduler:
                 if slot.completion is not None:
                     self._finish(slot, "error", exc)
 
-    def _prefill(self, slot: Slot) -> Steps[None, None, None]:
+    def _prefill(self, slot: Slot) -> Generator[None, None, None]:
         """The request's prefill as steps: its media features (skipping media inside the reused prefix), then its
         prompt in chunks after the reused prefix; the last chunk's logits give the first token."""
         pipeline, prepared = self.pipeline, slot.completion.prepared
         reused = int(self.cache.lengths[slot.index])
         spans = self._media_spans(prepared)
         needed = [i for i, (_, stop) in enumerate(spans) if stop > reused]
-        computed = yield from pipeline.feature_steps([prepared.media[i] for i in needed], self.feature_cache, self.vision_batch)
+        media = [prepared.media[i] for i in needed]
+        vision = self._vision.submit(pipeline.features, media, self.feature_cache)
+        while not vision.done():
+            yield vision
+        computed = vision.result()
         hidden = pipeline.embed_tokens.shape[1]
         features = [np.zeros((m.num_tokens, hidden), pipeline.embeds_dtype) for m in prepared.media]
         for i, value in zip(needed, computed):
             features[i] = value
         embeds, _ = pipeline._inputs_embeds([prepared], features)
-        keys = slot.keys
+        keys = slot.completion.token_keys
         total = len(keys)
         for start in range(reused, total, self.prefill_chunk):
             stop = min(start + self.prefill_chunk, total)
@@ -453,5 +472,6 @@ class Scheduler:
             text += slot.stream.flush() if slot.stream is not None else ""
         if reason in ("abort", "error") and slot.prefill is not None:
             slot.prefill.close()
-        slot.completion, slot.prefill, slot.stream, slot.freed_at = None, None, None, time.monotonic()
+        slot.completion, slot.prefill, slot.waiting, slot.stream = None, None, None, None
+        slot.freed_at = time.monotonic()
         completion._emit(Event(text, tokens, time.monotonic(), reason, error))
