@@ -116,7 +116,8 @@ def measure_interference(pipeline: Pipeline, streams: int, chunk: int, args) -> 
             completion.cancel()
         for follower in followers:
             follower.join()
-    gaps = [b - a for stream in times for a, b in zip(stream, stream[1:]) if window[0] <= b <= window[1]]
+    # every gap overlapping the prefill, including the one it ends (the streams' next token comes after the image's first)
+    gaps = [b - a for stream in times for a, b in zip(stream, stream[1:]) if a < window[1] and b > window[0]]
     return {
         "streams": streams,
         "prefill_chunk": chunk,
@@ -205,9 +206,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--clients", default="1,2,4,8", help="comma-separated client counts (default 1,2,4,8)")
     parser.add_argument("--requests", type=int, default=2, help="requests per client in the load test (default 2)")
     parser.add_argument("--prompt-tokens", type=int, default=128, help="tokens per text prompt (default 128)")
-    parser.add_argument("--new-tokens", type=int, default=48, help="tokens per answer (default 48)")
-    parser.add_argument("--load-chunk", type=int, default=256, help="prefill chunk of the load tests (default 256)")
-    parser.add_argument("--prefill-chunk", default="16,64,100000", help="chunks for the interference test")
+    parser.add_argument("--new-tokens", type=int, default=128, help="tokens per answer (default 128)")
+    parser.add_argument("--load-chunk", type=int, default=32, help="prefill chunk of the load tests (default 32, the server's)")
+    parser.add_argument("--prefill-chunk", default="16,32,128,100000", help="chunks for the interference test")
     parser.add_argument("--streams", default="1,4", help="text streams decoding during the image prefill (default 1,4)")
     parser.add_argument("--settle-s", type=float, default=3.0, help="seconds the streams decode before the image comes")
     parser.add_argument("--image-size", type=int, default=384, help="side of the square test image (default 384)")

@@ -16,6 +16,7 @@ from .errors import (
     LlavaRtError,
     MediaTooLarge,
     QueueFull,
+    SchedulerClosed,
 )
 from .pipeline import GenerationResult, Pipeline
 from .request import Request
@@ -35,6 +36,7 @@ __all__ = [
     "MediaTooLarge",
     "Pipeline",
     "QueueFull",
+    "SchedulerClosed",
     "Request",
     "SearchOptions",
     "load_bundle",

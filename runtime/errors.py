@@ -17,6 +17,10 @@ class QueueFull(LlavaRtError):
     """The scheduler's queue of waiting requests is full (a server answers 429)."""
 
 
+class SchedulerClosed(LlavaRtError):
+    """The scheduler has been closed and takes no more requests (a server answers 503)."""
+
+
 class BundleError(LlavaRtError):
     """A bundle is missing, incomplete, tampered with or of an unsupported format."""
 

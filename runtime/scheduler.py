@@ -33,7 +33,7 @@ import numpy as np
 
 from .backends import to_host
 from .detokenize import TextStream
-from .errors import InputError, QueueFull
+from .errors import InputError, QueueFull, SchedulerClosed
 from .feature_cache import FeatureCache
 from .kv_cache import SlotKVCache
 from .pipeline import GenerationResult, Pipeline, PreparedRequest
@@ -143,7 +143,10 @@ class Completion:
         if event.finish_reason is not None:
             self._done.set()
         if self._notify is not None:
-            self._notify()
+            try:
+                self._notify()
+            except Exception as exc:  # noqa: BLE001 - a caller's callback must not stop the scheduler
+                logger.warning("a completion's notify callback failed: %s", exc)
 
 
 @dataclass
@@ -172,7 +175,7 @@ class Scheduler:
         pipeline: Pipeline,
         max_concurrency: int = 4,
         max_queue: int = 64,
-        prefill_chunk: int = 256,
+        prefill_chunk: int = 32,
         feature_cache_mb: float = 512.0,
     ):
         max_concurrency = check_positive_int("max_concurrency", max_concurrency)
@@ -196,7 +199,7 @@ class Scheduler:
         self._closing = False
         self._thread: threading.Thread | None = None
         self._vision = ThreadPoolExecutor(1, thread_name_prefix="llava-rt-vision")
-        self.prefix_cache_hits = self.prefix_cache_tokens = 0
+        self.prefix_cache_hits = self.prefix_cache_tokens = self.generated_tokens = 0
 
     # ---- the caller's side ---------------------------------------------------------------------------------
 
@@ -223,7 +226,7 @@ class Scheduler:
         completion.token_keys = self._token_keys(prepared)  # hashes the pixels: here, not under the lock
         with self._wake:
             if self._closing:
-                raise InputError("the scheduler is closed")
+                raise SchedulerClosed("the scheduler is closed")
             running = sum(slot.completion is not None for slot in self.slots)
             if running + len(self._waiting) >= len(self.slots) + self.max_queue:
                 raise QueueFull(f"{running} requests are running and {len(self._waiting)} waiting, the most this server takes")
@@ -237,11 +240,12 @@ class Scheduler:
         return self.submit(Request.build(messages, **request)).result()
 
     def stats(self) -> dict[str, int]:
-        """Counters for monitoring: running and waiting requests, feature-cache and prefix-cache hits."""
+        """Counters for monitoring: running and waiting requests, tokens generated, feature- and prefix-cache hits."""
         with self._wake:
             return {
                 "running": sum(slot.completion is not None for slot in self.slots),
                 "queued": len(self._waiting),
+                "generated_tokens": self.generated_tokens,
                 "feature_cache_hits": self.feature_cache.hits,
                 "feature_cache_misses": self.feature_cache.misses,
                 "prefix_cache_hits": self.prefix_cache_hits,
@@ -364,18 +368,19 @@ class Scheduler:
                 if slot.completion is not None:
                     self._finish(slot, "error", exc)
 
-    def _prefill(self, slot: Slot) -> Generator[None, None, None]:
+    def _prefill(self, slot: Slot) -> Generator[Future | None, None, None]:
         """The request's prefill as steps: its media features (skipping media inside the reused prefix), then its
         prompt in chunks after the reused prefix; the last chunk's logits give the first token."""
         pipeline, prepared = self.pipeline, slot.completion.prepared
         reused = int(self.cache.lengths[slot.index])
         spans = self._media_spans(prepared)
         needed = [i for i, (_, stop) in enumerate(spans) if stop > reused]
-        media = [prepared.media[i] for i in needed]
-        vision = self._vision.submit(pipeline.features, media, self.feature_cache)
-        while not vision.done():
-            yield vision
-        computed = vision.result()
+        computed = []
+        if needed:  # on the vision thread, while this generator yields its future to the loop
+            vision = self._vision.submit(pipeline.features, [prepared.media[i] for i in needed], self.feature_cache)
+            while not vision.done():
+                yield vision
+            computed = vision.result()
         hidden = pipeline.embed_tokens.shape[1]
         features = [np.zeros((m.num_tokens, hidden), pipeline.embeds_dtype) for m in prepared.media]
         for i, value in zip(needed, computed):
@@ -429,6 +434,7 @@ class Scheduler:
         """Choose each slot's next token from its row of `logits`, stream its text, end it when it is done."""
         now = time.monotonic()
         chosen = self._choose(slots, logits, rows)
+        self.generated_tokens += len(chosen)
         for slot, token in zip(slots, chosen):
             completion = slot.completion
             completion.token_ids.append(token)
@@ -444,26 +450,33 @@ class Scheduler:
                 completion._emit(Event(text, 1, now))
 
     def _choose(self, slots: list[Slot], logits, rows: list[int]) -> list[int]:
-        """Greedy rows by one argmax on the device; the others by their own search options and generator."""
+        """Greedy rows by one argmax on the device (end-of-sequence masked for those holding it back); the others
+        by their own search options and generator, on the host."""
         chosen: dict[int, int] = {}
-        greedy = [i for i, slot in enumerate(slots) if not self._needs_logits(slot)]
+        greedy = [i for i, slot in enumerate(slots) if not self._samples(slot.completion.options)]
         if greedy:
-            picks = to_host(self.xp.argmax(logits[self.xp.asarray([rows[i] for i in greedy])], axis=-1))
-            chosen.update(zip(greedy, picks.tolist()))
+            xp = self.xp
+            scores = logits[xp.asarray([rows[i] for i in greedy])]  # a copy: the row order of `greedy`
+            held = [j for j, i in enumerate(greedy) if self._holds_eos(slots[i])]
+            if held:
+                scores[xp.asarray(held)[:, None], xp.asarray(self.eos)[None, :]] = -np.inf
+            chosen.update(zip(greedy, to_host(xp.argmax(scores, axis=-1)).tolist()))
         for i, slot in enumerate(slots):
             if i not in chosen:
                 options = slot.completion.options
-                blocked = self.eos if len(slot.completion.token_ids) < options.min_new_tokens else None
                 history = [np.array(slot.history, dtype=np.int64)] if slot.history else []
                 row = to_host(logits[rows[i] : rows[i] + 1])
-                chosen[i] = int(next_token_ids(row, history, options, slot.rng, blocked)[0])
+                chosen[i] = int(next_token_ids(row, history, options, slot.rng, self.eos if self._holds_eos(slot) else None)[0])
         return [chosen[i] for i in range(len(slots))]
 
     @staticmethod
-    def _needs_logits(slot: Slot) -> bool:
-        options = slot.completion.options
-        holding_eos = len(slot.completion.token_ids) < options.min_new_tokens
-        return options.do_sample or options.repetition_penalty != 1.0 or holding_eos
+    def _samples(options: SearchOptions) -> bool:
+        """Whether choosing needs the logits on the host: sampling, or the repetition penalty."""
+        return options.do_sample or options.repetition_penalty != 1.0
+
+    @staticmethod
+    def _holds_eos(slot: Slot) -> bool:
+        return len(slot.completion.token_ids) < slot.completion.options.min_new_tokens
 
     def _finish(self, slot: Slot, reason: str, error: BaseException | None = None, text: str = "", tokens: int = 0) -> None:
         """End the slot's request: release its remaining text and free the slot (its cache stays for reuse)."""

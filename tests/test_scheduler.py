@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from conftest import random_image
-from llava_rt.runtime import InputError, QueueFull, Request
+from llava_rt.runtime import BundleError, InputError, QueueFull, Request, SchedulerClosed
 from llava_rt.runtime.kv_cache import MIN_SLOT_CAPACITY, SlotKVCache
 from llava_rt.runtime.scheduler import Scheduler
 
@@ -36,6 +36,9 @@ def test_every_answer_equals_its_answer_served_alone(pipeline, concurrency, chun
     with Scheduler(pipeline, max_concurrency=concurrency, prefill_chunk=chunk) as scheduler:
         completions = [scheduler.submit(Request.build(**q)) for q in QUESTIONS]
         results = [c.result(timeout=120) for c in completions]
+        stats = scheduler.stats()
+    assert stats["generated_tokens"] == sum(len(r.token_ids) for r in results)
+    assert stats["running"] == stats["queued"] == 0
     for question, want, got in zip(QUESTIONS, expected, results):
         assert got.token_ids == want.token_ids, question
         assert got.text == want.text
@@ -129,7 +132,7 @@ def test_close_aborts_what_is_left_and_refuses_new_requests(pipeline):
     scheduler.close()
     assert running.result(timeout=10).finish_reason == "abort"
     assert queued.result(timeout=10).finish_reason == "abort"
-    with pytest.raises(InputError, match="closed"):
+    with pytest.raises(SchedulerClosed, match="closed"):
         scheduler.submit(Request.build(prompt="After.", max_new_tokens=4))
 
 
@@ -159,7 +162,8 @@ def test_slot_cache_prefixes_copies_and_capacity():
     cache.copy_prefix(1, 2, 4)
     assert cache.lengths.tolist() == [0, 5, 4]
     assert np.array_equal(cache.buffers["past_key_values.1.value"][2, :, :4], np.full((2, 4, 4), 2, np.float32))
-    step = {f"new_key_values.{i}.{kv}": np.arange(3 * 8, dtype=np.float32).reshape(3, 2, 1, 4) for i in range(2) for kv in ("key", "value")}
+    values = np.arange(3 * 8, dtype=np.float32).reshape(3, 2, 1, 4)
+    step = {f"new_key_values.{i}.{kv}": values for i in range(2) for kv in ("key", "value")}
     cache.write([2, 0], [2, 0], step, np.array([[40], [41]]))
     assert np.array_equal(cache.buffers["past_key_values.0.key"][2, :, 4], step["new_key_values.0.key"][2, :, 0])
     assert np.array_equal(cache.buffers["past_key_values.0.key"][0, :, 0], step["new_key_values.0.key"][0, :, 0])
@@ -174,3 +178,19 @@ def test_slot_cache_prefixes_copies_and_capacity():
     assert cache.capacity == MIN_SLOT_CAPACITY and cache.lengths.tolist() == [1, 5, 5]
     cache.keep(1, 2)
     assert cache.lengths[1] == 2 and cache.tokens[1].tolist() == [0, 1]
+
+
+def test_a_failing_request_ends_with_its_error_and_the_others_go_on(pipeline, monkeypatch):
+    def broken_vision(media, cache=None):
+        raise BundleError("the vision graph failed")
+
+    with Scheduler(pipeline, max_concurrency=2) as scheduler:
+        text = scheduler.submit(Request.build(prompt="Keep going.", max_new_tokens=12))
+        monkeypatch.setattr(pipeline, "features", broken_vision)
+        failing = scheduler.submit(Request.build(prompt="What is it?", images=[random_image(40, 40)], max_new_tokens=4))
+        with pytest.raises(BundleError, match="vision graph failed"):
+            list(failing)
+        monkeypatch.undo()
+        assert failing.finish_reason == "error"
+        assert text.result(timeout=60).token_ids == pipeline.generate(prompt="Keep going.", max_new_tokens=12).token_ids
+        assert scheduler.generate(prompt="After.", max_new_tokens=3).finish_reason == "length"
