@@ -1,0 +1,164 @@
+"""`llava-serve BUNDLE`: serve a bundle over an OpenAI-compatible HTTP API (chat completions, streaming) with
+continuous batching. The port opens at once; `/health` answers 503 until the bundle has loaded."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from llava_rt.runtime.backends import DEVICES
+from llava_rt.runtime.console import add_standard_options, run_command
+from llava_rt.runtime.errors import InputError
+from llava_rt.runtime.manifest_schema import PRECISIONS
+from llava_rt.runtime.request import check_positive_int
+
+from .config import ServeConfig
+
+SERVE_EXTRA = ("serve", ("fastapi", "uvicorn", "prometheus_client", "pydantic"))
+API_KEY_VARIABLE = "LLAVA_SERVE_API_KEY"
+GRACEFUL_SHUTDOWN_S = 10  # on SIGINT/SIGTERM, running requests get this long to finish before they are cancelled
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llava-serve", description=__doc__.split("\n\n")[0])
+    parser.add_argument("bundle", help="bundle directory written by llava-export")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1; 0.0.0.0 serves other hosts)")
+    parser.add_argument("--port", type=int, default=8000, help="port to bind (default: 8000)")
+    parser.add_argument(
+        "--served-model-name", metavar="NAME", help="the model id clients use (default: the bundle's directory name)"
+    )
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get(API_KEY_VARIABLE),
+        metavar="KEY",
+        help=f"require 'Authorization: Bearer KEY' on /v1 routes (default: ${API_KEY_VARIABLE}; none: open)",
+    )
+    parser.add_argument(
+        "--max-concurrency",
+        type=int,
+        default=ServeConfig.max_concurrency,
+        metavar="N",
+        help="requests decoded together (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-queue",
+        type=int,
+        default=ServeConfig.max_queue,
+        metavar="N",
+        help="requests waiting for a slot; more are answered 429 (default: %(default)s)",
+    )
+    parser.add_argument("--threads", type=int, metavar="N", help="onnxruntime intra-op threads per graph (default: one per core)")
+    parser.add_argument("--precision", choices=PRECISIONS, help="graph variants to run (default: the best the bundle has)")
+    parser.add_argument(
+        "--device", choices=DEVICES, default=ServeConfig.device, help="where onnxruntime runs the graphs (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--max-image-pixels",
+        type=int,
+        default=ServeConfig.max_image_pixels,
+        metavar="N",
+        help="refuse (413) an image or video frame with more pixels (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-request-bytes",
+        type=int,
+        default=ServeConfig.max_request_bytes,
+        metavar="N",
+        help="refuse (413) a larger request body (default: %(default)s, 32 MiB)",
+    )
+    parser.add_argument(
+        "--allowed-local-media-path",
+        type=Path,
+        metavar="DIR",
+        help="accept file:// image and video URLs under this directory (default: refuse them)",
+    )
+    parser.add_argument(
+        "--prefill-chunk",
+        type=int,
+        default=ServeConfig.prefill_chunk,
+        metavar="N",
+        help="prompt tokens prefilled per step between decode steps (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--feature-cache-mb",
+        type=float,
+        default=ServeConfig.feature_cache_mb,
+        metavar="MB",
+        help="image and video feature cache (default: %(default)s)",
+    )
+    parser.add_argument("--log-level", choices=LOG_LEVELS, default="info", help="server and access logs (default: info)")
+    return add_standard_options(parser)
+
+
+def _config(args: argparse.Namespace) -> ServeConfig:
+    """The server's configuration; a bad argument is an `InputError` (one line, exit 2)."""
+    if not Path(args.bundle).is_dir():
+        raise InputError(f"bundle directory not found: {args.bundle}")
+    if not 1 <= args.port <= 65535:
+        raise InputError(f"--port must be in 1..65535, got {args.port}")
+    for name in ("max_concurrency", "max_image_pixels", "max_request_bytes", "prefill_chunk"):
+        check_positive_int(f"--{name.replace('_', '-')}", getattr(args, name))
+    if args.threads is not None:
+        check_positive_int("--threads", args.threads)
+    if args.max_queue < 0:
+        raise InputError(f"--max-queue must be an integer >= 0, got {args.max_queue}")
+    if not args.feature_cache_mb >= 0:
+        raise InputError(f"--feature-cache-mb must be a number >= 0, got {args.feature_cache_mb}")
+    media = args.allowed_local_media_path
+    if media is not None and not media.is_dir():
+        raise InputError(f"--allowed-local-media-path: no such directory: {media}")
+    if args.api_key == "":
+        raise InputError("--api-key is empty")
+    return ServeConfig(
+        bundle=Path(args.bundle),
+        served_model_name=args.served_model_name,
+        api_key=args.api_key,
+        max_concurrency=args.max_concurrency,
+        max_queue=args.max_queue,
+        threads=args.threads,
+        precision=args.precision,
+        device=args.device,
+        max_image_pixels=args.max_image_pixels,
+        max_request_bytes=args.max_request_bytes,
+        allowed_local_media_path=media,
+        prefill_chunk=args.prefill_chunk,
+        feature_cache_mb=args.feature_cache_mb,
+    )
+
+
+def _main(args: argparse.Namespace) -> int:
+    import uvicorn
+    from PIL import Image
+
+    from .app import create_app
+
+    config = _config(args)
+    # Pillow warns about large images as it opens them; the pixel limit refuses them with a 413 of its own.
+    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+    for name in ("uvicorn", "llava_rt"):
+        logging.getLogger(name).setLevel(args.log_level.upper())
+    try:
+        uvicorn.run(
+            create_app(config),
+            host=args.host,
+            port=args.port,
+            log_config=None,
+            log_level=args.log_level,
+            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+        )
+    except KeyboardInterrupt:  # uvicorn stops cleanly on SIGINT/SIGTERM, then raises the signal again
+        pass
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(build_parser(), _main, argv, extra=SERVE_EXTRA)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

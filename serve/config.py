@@ -1,0 +1,32 @@
+"""`ServeConfig`: what a llava-serve application is started with (the command's flags, and their defaults)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from llava_rt.runtime.image_processing import MAX_IMAGE_PIXELS
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """What `llava-serve` is started with (see its `--help`). `served_model_name` defaults to the bundle directory's name."""
+
+    bundle: Path
+    served_model_name: str | None = None
+    api_key: str | None = None
+    max_concurrency: int = 4
+    max_queue: int = 64
+    threads: int | None = None
+    precision: str | None = None
+    device: str = "cpu"
+    max_image_pixels: int = MAX_IMAGE_PIXELS
+    max_request_bytes: int = 32 << 20  # 32 MiB
+    allowed_local_media_path: Path | None = None
+    prefill_chunk: int = 32
+    feature_cache_mb: float = 512.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "bundle", Path(self.bundle))
+        if self.served_model_name is None:
+            object.__setattr__(self, "served_model_name", self.bundle.resolve().name)
