@@ -217,13 +217,14 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--turn-tokens", type=int, default=16, help="tokens per answer in the replay (default 16)")
     parser.add_argument("--threads", type=int, default=2, help="intra-op threads (default 2)")
     parser.add_argument("--precision", help="the bundle's precision to run (default: the runtime's choice)")
+    parser.add_argument("--form", choices=("standard", "onnxruntime"), help="the variants' form (default: the runtime's choice)")
     parser.add_argument("--json", type=Path, help="write every figure here")
     add_standard_options(parser)
     return parser
 
 
 def _bench(args) -> int:
-    pipeline = Pipeline.load(args.bundle, threads=args.threads, precision=args.precision)
+    pipeline = Pipeline.load(args.bundle, threads=args.threads, precision=args.precision, form=args.form)
     say(f"{args.bundle.name}: {pipeline.selection.describe()}, {args.threads} threads")
     results = {"bundle": str(args.bundle), "precision": pipeline.selection.precision, "threads": args.threads}
     results["load"] = [measure_load(pipeline, int(c), args) for c in args.clients.split(",")]
