@@ -12,9 +12,9 @@ longest prefix of its prompt (same tokens, same images at the same places), or h
 slot, and prefills only the rest; images entirely inside the reused prefix are not even run through the vision
 graphs. Image and video features are shared by all requests through one `FeatureCache`.
 
-Rows are computed independently, so a request's tokens do not depend on what else is in the batch: greedy output
-equals `Pipeline.generate`'s, and sampled output with a seed is the same whether served alone or among others
-(each request draws from its own generator).
+Each row has its own positions, mask and cache, and each request draws from its own generator, so what else is in
+the batch does not change a request's tokens: greedy output equals `Pipeline.generate`'s and a seeded answer is the
+same alone or among others (tested; only kernels rounding differently at another batch size could break a near tie).
 """
 
 from __future__ import annotations
