@@ -83,7 +83,7 @@ class SlotKVCache:
     says which: one int64 per token, the token id, or for an image or video token a negative number derived from the
     media's content, so two rows hold the same keys and values exactly where their `tokens` agree (the same ids and
     the same media at the same positions give the same keys and values). A row keeps its contents after its request
-    ends, for a later request with the same prefix (`longest_prefix`, `copy_prefix`). The capacity follows the longest
+    ends, for a later request with the same prefix (`prefix_lengths`, `copy_prefix`). The capacity follows the longest
     row (`fit`): the graph attends over the whole capacity, masked, so it is kept near what the rows use.
     """
 
@@ -116,16 +116,14 @@ class SlotKVCache:
         np.minimum(self.lengths, new, out=self.lengths)
         self.tokens = [tokens[:new] for tokens in self.tokens]
 
-    def longest_prefix(self, tokens: np.ndarray) -> tuple[int, int]:
-        """The slot holding the longest prefix of `tokens`, and that prefix's length (0 when none)."""
-        best = (0, 0)
+    def prefix_lengths(self, tokens: np.ndarray) -> np.ndarray:
+        """For each slot, how many of the first `tokens` it holds."""
+        lengths = np.zeros(len(self.tokens), dtype=np.int64)
         for slot, held in enumerate(self.tokens):
             size = min(len(held), len(tokens))
             differ = np.flatnonzero(held[:size] != tokens[:size])
-            length = int(differ[0]) if len(differ) else size
-            if length > best[1]:
-                best = (slot, length)
-        return best
+            lengths[slot] = differ[0] if len(differ) else size
+        return lengths
 
     def keep(self, slot: int, length: int) -> None:
         """Keep only the first `length` tokens of `slot` (the next tokens written go after them)."""

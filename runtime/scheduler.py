@@ -42,6 +42,7 @@ from .sampling import SearchOptions, next_token_ids
 
 logger = logging.getLogger("llava_rt")
 MEDIA_MARK = np.int64(1) << 62  # media positions' token keys are negative numbers below -2**62
+MIN_PREFIX_TOKENS = 32  # a shorter cached prefix (a chat template's opening) is not worth giving a slot's contents up for
 
 
 @dataclass(frozen=True)
@@ -315,14 +316,22 @@ class Scheduler:
         return admitted
 
     def _place(self, completion: Completion) -> Slot:
-        """The free slot for a request: the one holding the longest prefix of its prompt, else the least recently
-        used, given the prefix by a copy from the busy slot holding it. Keeps at least one prompt token to feed."""
-        free, keys = [slot for slot in self.slots if slot.completion is None], completion.token_keys
-        source, length = self.cache.longest_prefix(keys)
-        length = min(length, len(keys) - 1)
-        holders = [slot for slot in free if slot.index == source]
-        slot = holders[0] if holders and length else min(free, key=lambda s: (s.freed_at, s.index))
-        if length and slot.index != source:
+        """The free slot for a request: the one holding the longest prefix of its prompt (prefixes under
+        `MIN_PREFIX_TOKENS` do not count), then the one keeping the decode steps' rows fewest, then the least recently
+        used. A busy slot holding a longer prefix gives it by a copy. At least one prompt token is left to feed."""
+        keys = completion.token_keys
+        held = self.cache.prefix_lengths(keys)
+        held[held < MIN_PREFIX_TOKENS] = 0
+        busy = [slot.index for slot in self.slots if slot.completion is not None]
+
+        def rank(slot: Slot) -> tuple:
+            rows = max(busy + [slot.index]) - min(busy + [slot.index]) + 1  # the decode steps' rows with it busy
+            return -held[slot.index], rows, slot.freed_at, slot.index
+
+        slot = min((slot for slot in self.slots if slot.completion is None), key=rank)
+        source = int(np.argmax(held))
+        length = min(int(held[source]), len(keys) - 1)
+        if held[source] > held[slot.index] and length:
             self.cache.copy_prefix(source, slot.index, length)
         self.cache.keep(slot.index, length)
         if length:
@@ -415,20 +424,22 @@ class Scheduler:
         return self.binding.run()
 
     def _decode_step(self, decoding: list[Slot]) -> None:
-        """Feed every decoding slot its last token in one batch over slots `0..n-1` (the others fed a dummy token,
-        their outputs dropped), write the new keys and values, choose the next tokens."""
+        """Feed every decoding slot its last token in one batch over the consecutive slots from the first decoding
+        one to the last (the others in between fed a dummy token, their outputs dropped), write the new keys and
+        values, choose the next tokens."""
         indices = [slot.index for slot in decoding]
-        rows = range(0, max(indices) + 1)
+        rows = range(min(indices), max(indices) + 1)
+        batch_rows = [index - rows.start for index in indices]
         self._fit(extra={index: 1 for index in indices})
         tokens = np.zeros((len(rows), 1), dtype=np.int64)
         positions = np.zeros((len(rows), 1), dtype=np.int64)
-        for slot in decoding:
-            tokens[slot.index, 0] = slot.next_token
-            positions[slot.index, 0] = self.cache.lengths[slot.index]
+        for slot, row in zip(decoding, batch_rows):
+            tokens[row, 0] = slot.next_token
+            positions[row, 0] = self.cache.lengths[slot.index]
         feeds = self.cache.feeds(rows, indices, 1)
         outputs = self._run({"inputs_embeds": self.pipeline._embed(tokens), "position_ids": positions, **feeds})
-        self.cache.write(indices, indices, outputs, tokens[indices])
-        self._advance(decoding, outputs["logits"], indices)
+        self.cache.write(indices, batch_rows, outputs, tokens[batch_rows])
+        self._advance(decoding, outputs["logits"], batch_rows)
 
     def _advance(self, slots: list[Slot], logits, rows: list[int]) -> None:
         """Choose each slot's next token from its row of `logits`, stream its text, end it when it is done."""

@@ -157,8 +157,8 @@ def test_slot_cache_prefixes_copies_and_capacity():
     assert cache.capacity == MIN_SLOT_CAPACITY
     new = {f"new_key_values.{i}.{kv}": np.full((1, 2, 5, 4), i + 1, np.float32) for i in range(2) for kv in ("key", "value")}
     cache.write([1], [0], new, np.arange(5)[None])
-    assert cache.longest_prefix(np.array([0, 1, 2, 9])) == (1, 3)
-    assert cache.longest_prefix(np.array([7, 1])) == (0, 0)
+    assert cache.prefix_lengths(np.array([0, 1, 2, 9])).tolist() == [0, 3, 0]
+    assert cache.prefix_lengths(np.array([7, 1])).tolist() == [0, 0, 0]
     cache.copy_prefix(1, 2, 4)
     assert cache.lengths.tolist() == [0, 5, 4]
     assert np.array_equal(cache.buffers["past_key_values.1.value"][2, :, :4], np.full((2, 4, 4), 2, np.float32))
@@ -194,3 +194,28 @@ def test_a_failing_request_ends_with_its_error_and_the_others_go_on(pipeline, mo
         assert failing.finish_reason == "error"
         assert text.result(timeout=60).token_ids == pipeline.generate(prompt="Keep going.", max_new_tokens=12).token_ids
         assert scheduler.generate(prompt="After.", max_new_tokens=3).finish_reason == "length"
+
+
+def test_decode_steps_run_over_the_busy_slots_only(pipeline):
+    with Scheduler(pipeline, max_concurrency=4) as scheduler:
+        batches = []
+        run = scheduler._run
+
+        def spy(feeds):  # records each decode step's batch, then runs it
+            if feeds["inputs_embeds"].shape[1] == 1:
+                batches.append(len(feeds["inputs_embeds"]))
+            return run(feeds)
+
+        scheduler._run = spy
+        raw = dict(apply_chat_template=False)  # prompts sharing no prefix: no slot is chosen for its cache
+        for turn in "QRS":  # alone, each in the least recently used slot: 0, 1, 2
+            scheduler.generate(prompt=f"{turn} question?", max_new_tokens=4, min_new_tokens=4, **raw)
+        assert set(batches) == {1}
+        first = scheduler.submit(Request.build(prompt="A long answer.", max_new_tokens=60, min_new_tokens=60, **raw))
+        next(iter(first))
+        second = scheduler.submit(Request.build(prompt="Zero.", max_new_tokens=6, min_new_tokens=6, **raw))
+        second.result(timeout=60)
+        busy = [slot.index for slot in scheduler.slots if slot.completion is first]
+        first.cancel()
+    assert busy == [3]  # the least recently used slot, all being free
+    assert max(batches) == 2  # the second request went next to the first, not to slot 0
