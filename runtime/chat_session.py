@@ -10,18 +10,12 @@ import numpy as np
 from .errors import InputError
 from .feature_cache import FeatureCache
 from .image_processing import ImageInput
-from .kv_cache import KVCache
+from .kv_cache import KVCache, common_prefix
 from .pipeline import DecodingRun, GenerationResult, Pipeline
 from .request import Request, media_list
 from .video import VideoInput
 
 DEFAULT_FEATURE_CACHE_MB = 256
-
-
-def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
-    n = min(len(a), len(b))
-    mismatch = np.flatnonzero(a[:n] != b[:n])
-    return int(mismatch[0]) if len(mismatch) else n
 
 
 class ChatSession:
@@ -73,7 +67,7 @@ class ChatSession:
         prepared = self.pipeline.prepare(turn)
         reuse = None
         if self.reuse_kv_cache and self._cache is not None:
-            shared = min(_common_prefix(self._cached_ids, prepared.input_ids), len(prepared.input_ids) - 1)
+            shared = min(common_prefix(self._cached_ids, prepared.input_ids), len(prepared.input_ids) - 1)
             if shared > 0:
                 reuse = (shared, self._cache)
                 self._cached_ids = self._cached_ids[:shared]  # the run overwrites the cache after these

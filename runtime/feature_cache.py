@@ -1,14 +1,11 @@
-"""An LRU cache of image and video features, bounded in bytes, keyed by the pixels' sha256 and layout."""
+"""An LRU cache of image and video features, bounded in bytes, keyed by `Media.digest` (pixels and layout)."""
 
 from __future__ import annotations
 
-import hashlib
 import threading
 from collections import OrderedDict
 
 import numpy as np
-
-from .media import Media
 
 
 class FeatureCache:
@@ -21,12 +18,6 @@ class FeatureCache:
         self._bytes = 0
         self._lock = threading.Lock()
         self.hits = self.misses = 0
-
-    @staticmethod
-    def key(media: Media) -> str:
-        digest = hashlib.sha256(media.pixels.tobytes())
-        digest.update(f"{media.kind}|{media.pixels.shape}|{media.layout}|{media.num_tokens}".encode())
-        return digest.hexdigest()
 
     def get(self, key: str) -> np.ndarray | None:
         with self._lock:

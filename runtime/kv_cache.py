@@ -7,6 +7,13 @@ from types import ModuleType
 import numpy as np
 
 
+def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
+    """How many leading elements two 1-D arrays share (the cached tokens a new prompt can reuse)."""
+    n = min(len(a), len(b))
+    mismatch = np.flatnonzero(a[:n] != b[:n])
+    return int(mismatch[0]) if len(mismatch) else n
+
+
 def past_names(spec: dict[str, int]) -> list[str]:
     """The decoder graph's past inputs, in order (layer 0 key, layer 0 value, layer 1 key, ...)."""
     return [f"past_key_values.{i}.{kv}" for i in range(spec["num_layers"]) for kv in ("key", "value")]
@@ -118,12 +125,7 @@ class SlotKVCache:
 
     def prefix_lengths(self, tokens: np.ndarray) -> np.ndarray:
         """For each slot, how many of the first `tokens` it holds."""
-        lengths = np.zeros(len(self.tokens), dtype=np.int64)
-        for slot, held in enumerate(self.tokens):
-            size = min(len(held), len(tokens))
-            differ = np.flatnonzero(held[:size] != tokens[:size])
-            lengths[slot] = differ[0] if len(differ) else size
-        return lengths
+        return np.array([common_prefix(held, tokens) for held in self.tokens], dtype=np.int64)
 
     def keep(self, slot: int, length: int) -> None:
         """Keep only the first `length` tokens of `slot` (the next tokens written go after them)."""

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -21,6 +23,14 @@ class Media:
     pixels: np.ndarray
     num_tokens: int
     layout: AnyResLayout | None = None
+
+    @cached_property
+    def digest(self) -> str:
+        """sha256 of the pixels and how they are laid out: equal for media whose features are equal. Hashed once
+        (the feature cache and the scheduler's prefix keys both ask)."""
+        digest = hashlib.sha256(self.pixels.tobytes())
+        digest.update(f"{self.kind}|{self.pixels.shape}|{self.layout}|{self.num_tokens}".encode())
+        return digest.hexdigest()
 
 
 class MediaProcessor:

@@ -220,7 +220,7 @@ class Pipeline:
         others run through the graphs."""
         if cache is None:
             return self._compute_features(media)
-        keys = [cache.key(m) for m in media]
+        keys = [m.digest for m in media]
         found = [cache.get(key) for key in keys]
         missing = [i for i, features in enumerate(found) if features is None]
         for i, features in zip(missing, self._compute_features([media[i] for i in missing])):

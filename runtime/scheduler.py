@@ -224,7 +224,7 @@ class Scheduler:
             context = min(len(prepared.input_ids) + request.max_new_tokens, self.pipeline.max_length)
             self.pipeline.plans.check_request(context=context)
         completion = Completion(request, prepared, options, notify)
-        completion.token_keys = self._token_keys(prepared)  # hashes the pixels: here, not under the lock
+        completion.token_keys = self._token_keys(prepared)  # hashes the pixels (once, see `Media.digest`): not under the lock
         with self._wake:
             if self._closing:
                 raise SchedulerClosed("the scheduler is closed")
@@ -344,7 +344,7 @@ class Scheduler:
         """What each prompt position holds: its token id, or for an image or video token its media's identity."""
         keys = prepared.input_ids.copy()
         for media, (start, stop) in zip(prepared.media, self._media_spans(prepared)):
-            keys[start:stop] = -MEDIA_MARK - int(self.feature_cache.key(media)[:15], 16)
+            keys[start:stop] = -MEDIA_MARK - int(media.digest[:15], 16)
         return keys
 
     def _media_spans(self, prepared: PreparedRequest) -> list[tuple[int, int]]:
