@@ -64,13 +64,16 @@ class ModelState:
         threading.Thread(target=self._run, args=(config,), name="llava-serve-load", daemon=True).start()
 
     def _run(self, config: ServeConfig) -> None:
-        started = time.monotonic()
         try:
-            engine = self._load(config)
+            self.load(config)
         except Exception as exc:  # any failure (a bad bundle, a missing provider, ...) is reported by /health
             self.error = one_line(exc) or type(exc).__name__
             logger.error("loading %s failed: %s", config.bundle, self.error)
-            return
+
+    def load(self, config: ServeConfig) -> None:
+        """Load the engine in this thread (a Ray replica counts as started only once its bundle has loaded)."""
+        started = time.monotonic()
+        engine = self._load(config)
         with self._lock:
             if not self._closed:
                 self.engine = engine
@@ -189,9 +192,12 @@ def _authorization(api_key: str | None) -> list:
     return [Depends(authorize)]
 
 
-def create_app(config: ServeConfig, load: Callable[[ServeConfig], Engine] = load_engine) -> FastAPI:
-    """The application serving `config.bundle`, which `load` loads in a background thread once the app starts."""
-    state = ModelState(load)
+def create_app(
+    config: ServeConfig, load: Callable[[ServeConfig], Engine] = load_engine, state: ModelState | None = None
+) -> FastAPI:
+    """The application serving `config.bundle`, which `load` loads in a background thread once the app starts, unless
+    `state` already holds its engine."""
+    state = state or ModelState(load)
     metrics = ServerMetrics(state.stats)
     media = MediaReader(config.allowed_local_media_path, config.max_image_pixels)
     completions = ChatCompletions(config.served_model_name, media, metrics)
@@ -199,7 +205,8 @@ def create_app(config: ServeConfig, load: Callable[[ServeConfig], Engine] = load
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        state.start(config)
+        if state.engine is None:
+            state.start(config)
         yield
         await run_in_threadpool(state.close)  # waits for the scheduler's current step
 

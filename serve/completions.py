@@ -153,7 +153,7 @@ class ChatCompletions:
                 elif event.text or event.finish_reason is not None:
                     yield reply.chunk(Delta(content=event.text or None), event.finish_reason)
             if include_usage:
-                yield reply.usage_chunk(Usage.of(completion.prompt_tokens, tokens))
+                yield reply.usage_chunk(Usage.of(completion.prompt_tokens, tokens, completion.reused_tokens))
             yield "data: [DONE]\n\n"
         finally:
             watcher.cancel()
@@ -173,5 +173,5 @@ class ChatCompletions:
             created=reply.created,
             model=reply.model,
             choices=[Choice(message=AssistantMessage(content="".join(pieces)), finish_reason=event.finish_reason)],
-            usage=Usage.of(completion.prompt_tokens, tokens),
+            usage=Usage.of(completion.prompt_tokens, tokens, completion.reused_tokens),
         )

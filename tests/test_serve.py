@@ -249,7 +249,23 @@ def test_stream_concatenates_to_the_answer(server, media):
     content = [chunk for chunk in chunks if chunk.choices]
     assert [chunk.choices[0].finish_reason for chunk in content] == [None] * (len(content) - 1) + ["length"]
     assert all(chunk.object == "chat.completion.chunk" and chunk.id == chunks[0].id for chunk in chunks)
-    assert chunks[-1].choices == [] and chunks[-1].usage == answer.usage
+    usage = chunks[-1].usage
+    assert chunks[-1].choices == [] and (usage.prompt_tokens, usage.completion_tokens) == (
+        answer.usage.prompt_tokens,
+        answer.usage.completion_tokens,
+    )
+    assert usage.prompt_tokens_details.cached_tokens == usage.prompt_tokens - 1  # the same prompt again, from the cache
+
+
+def test_a_continued_conversation_reports_its_cached_prompt_tokens(server):
+    messages = user("Name three colours of the rainbow, then count to five.")
+    first = ask(server, messages, max_tokens=8)
+    follow_up = [*messages, {"role": "assistant", "content": first.choices[0].message.content}, *user("And then?")]
+    second = ask(server, follow_up, max_tokens=4)
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    # all of the first prompt but perhaps its last token, the newline after `assistant`, which may tokenize
+    # differently once the answer follows it
+    assert first.usage.prompt_tokens - 1 <= cached < second.usage.prompt_tokens
 
 
 def test_stream_is_server_sent_events_ending_with_done(server):
