@@ -129,22 +129,22 @@ def _status(exc: LlavaRtError) -> int:
     return 429 if isinstance(exc, QueueFull) else 500
 
 
-def _error_response(exc: APIError, headers: dict[str, str] | None = None) -> JSONResponse:
+def error_response(exc: APIError, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse(exc.response().model_dump(), status_code=exc.status, headers=headers)
 
 
 def _install_error_handlers(app: FastAPI) -> None:
     async def api_error(request: HTTPRequest, exc: APIError) -> JSONResponse:
-        return _error_response(exc, {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None)
+        return error_response(exc, {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None)
 
     async def runtime_error(request: HTTPRequest, exc: LlavaRtError) -> JSONResponse:
-        return _error_response(APIError(_status(exc), str(exc)))
+        return error_response(APIError(_status(exc), str(exc)))
 
     async def http_error(request: HTTPRequest, exc: HTTPException) -> JSONResponse:
-        return _error_response(APIError(exc.status_code, f"{exc.detail}: {request.method} {request.url.path}"), exc.headers)
+        return error_response(APIError(exc.status_code, f"{exc.detail}: {request.method} {request.url.path}"), exc.headers)
 
     async def unexpected(request: HTTPRequest, exc: Exception) -> JSONResponse:
-        return _error_response(APIError(500, f"internal error: {one_line(exc) or type(exc).__name__}"))
+        return error_response(APIError(500, f"internal error: {one_line(exc) or type(exc).__name__}"))
 
     app.add_exception_handler(APIError, api_error)
     app.add_exception_handler(LlavaRtError, runtime_error)
@@ -211,6 +211,7 @@ def create_app(
         await run_in_threadpool(state.close)  # waits for the scheduler's current step
 
     app = FastAPI(title="llava-serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.metrics = metrics
     _install_error_handlers(app)
     app.add_middleware(_CountResponses, metrics=metrics)
     v1 = APIRouter(prefix="/v1", dependencies=_authorization(config.api_key))

@@ -4,24 +4,28 @@ continuous batching. The port opens at once; `/health` answers 503 until the bun
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
+import math
 import os
 import sys
 import warnings
 from pathlib import Path
 
 from llava_rt.runtime.backends import DEVICES
-from llava_rt.runtime.console import add_standard_options, run_command
+from llava_rt.runtime.console import add_standard_options, require_extra, run_command
 from llava_rt.runtime.errors import InputError
 from llava_rt.runtime.manifest_schema import PRECISIONS
 from llava_rt.runtime.request import check_positive_int
 
-from .config import ServeConfig
+from .config import ClusterConfig, ServeConfig
 
 SERVE_EXTRA = ("serve", ("fastapi", "uvicorn", "prometheus_client", "pydantic"))
 API_KEY_VARIABLE = "LLAVA_SERVE_API_KEY"
 GRACEFUL_SHUTDOWN_S = 10  # on SIGINT/SIGTERM, running requests get this long to finish before they are cancelled
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+ROUTINGS = ("cache-affinity", "power-of-two")
+CLUSTER_EXTRA = ("cluster", ("ray",))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,6 +96,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="image and video feature cache (default: %(default)s)",
     )
     parser.add_argument("--log-level", choices=LOG_LEVELS, default="info", help="server and access logs (default: info)")
+    cluster = parser.add_argument_group("replicas on Ray Serve (the [cluster] extra)")
+    cluster.add_argument("--replicas", type=int, metavar="N", help="serve from N replicas, each its own bundle and scheduler")
+    cluster.add_argument("--ray-address", metavar="ADDR", help="join this Ray cluster (default: start a local one)")
+    cluster.add_argument("--autoscale", metavar="MIN:MAX", help="let Ray Serve scale between MIN and MAX replicas")
+    cluster.add_argument(
+        "--replica-cpus",
+        type=float,
+        default=ClusterConfig.replica_cpus,
+        metavar="N",
+        help="CPUs each replica reserves; also its --threads unless given (default: %(default)s)",
+    )
+    cluster.add_argument(
+        "--replica-gpus", type=float, metavar="N", help="GPUs each replica reserves (default: 0 on --device cpu, else 1)"
+    )
+    cluster.add_argument(
+        "--routing",
+        choices=ROUTINGS,
+        default=ClusterConfig.routing,
+        help="cache-affinity: conversations, images and long prefixes back to the replica holding them; "
+        "power-of-two: Ray's default (default: %(default)s)",
+    )
     return add_standard_options(parser)
 
 
@@ -131,17 +156,59 @@ def _config(args: argparse.Namespace) -> ServeConfig:
     )
 
 
+def _autoscale(text: str | None, replicas: int) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    low, _, high = text.partition(":")
+    if not (low.isdigit() and high.isdigit() and 1 <= int(low) <= replicas <= int(high)):
+        raise InputError(f"--autoscale must be MIN:MAX with 1 <= MIN <= --replicas ({replicas}) <= MAX, got {text!r}")
+    return int(low), int(high)
+
+
+def _cluster_config(args: argparse.Namespace) -> ClusterConfig | None:
+    """How the replicas run, or None to serve from this process; a bad argument is an `InputError`."""
+    if args.replicas is None:
+        given = [flag for flag, value in (("--ray-address", args.ray_address), ("--autoscale", args.autoscale)) if value]
+        if given:
+            raise InputError(f"{given[0]} needs --replicas")
+        return None
+    check_positive_int("--replicas", args.replicas)
+    if args.max_queue < 1:
+        raise InputError("--max-queue must be at least 1 with --replicas (Ray Serve's queue limit)")
+    if not args.replica_cpus > 0:
+        raise InputError(f"--replica-cpus must be a number > 0, got {args.replica_cpus}")
+    gpus = args.replica_gpus if args.replica_gpus is not None else (0.0 if args.device == "cpu" else 1.0)
+    if not gpus >= 0:
+        raise InputError(f"--replica-gpus must be a number >= 0, got {gpus}")
+    return ClusterConfig(
+        replicas=args.replicas,
+        ray_address=args.ray_address,
+        autoscale=_autoscale(args.autoscale, args.replicas),
+        replica_cpus=args.replica_cpus,
+        replica_gpus=gpus,
+        routing=args.routing,
+    )
+
+
 def _main(args: argparse.Namespace) -> int:
     import uvicorn
     from PIL import Image
 
     from .app import create_app
 
-    config = _config(args)
+    config, cluster = _config(args), _cluster_config(args)
     # Pillow warns about large images as it opens them; the pixel limit refuses them with a 413 of its own.
     warnings.simplefilter("ignore", Image.DecompressionBombWarning)
     for name in ("uvicorn", "llava_rt"):
         logging.getLogger(name).setLevel(args.log_level.upper())
+    if cluster is not None:
+        require_extra(*CLUSTER_EXTRA)
+        from .cluster import serve_replicas
+
+        if args.threads is None:  # a replica runs as many threads as the CPUs it reserves
+            config = dataclasses.replace(config, threads=max(1, math.ceil(cluster.replica_cpus)))
+        serve_replicas(config, cluster, args.host, args.port, args.log_level)
+        return 0
     try:
         uvicorn.run(
             create_app(config),

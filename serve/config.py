@@ -30,3 +30,15 @@ class ServeConfig:
         object.__setattr__(self, "bundle", Path(self.bundle))
         if self.served_model_name is None:
             object.__setattr__(self, "served_model_name", self.bundle.resolve().name)
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """How `llava-serve --replicas N` runs on Ray Serve (see its `--help`): replicas, their resources, the routing."""
+
+    replicas: int
+    ray_address: str | None = None
+    autoscale: tuple[int, int] | None = None  # (min, max) replicas
+    replica_cpus: float = 1.0
+    replica_gpus: float = 0.0
+    routing: str = "cache-affinity"

@@ -544,6 +544,12 @@ def test_a_generation_that_fails_or_is_aborted(tmp_path, reason):
         (["--port", "70000"], "--port must be in 1..65535, got 70000"),
         (["--max-concurrency", "0"], "--max-concurrency must be a positive integer"),
         (["--allowed-local-media-path", "/no/such/dir"], "--allowed-local-media-path: no such directory"),
+        (["--autoscale", "1:2"], "--autoscale needs --replicas"),
+        (["--replicas", "0"], "--replicas must be a positive integer"),
+        (["--replicas", "2", "--autoscale", "3:4"], "--autoscale must be MIN:MAX with 1 <= MIN <= --replicas (2) <= MAX"),
+        (["--replicas", "2", "--autoscale", "two"], "--autoscale must be MIN:MAX"),
+        (["--replicas", "2", "--max-queue", "0"], "--max-queue must be at least 1 with --replicas"),
+        (["--replicas", "2", "--replica-cpus", "0"], "--replica-cpus must be a number > 0"),
     ],
 )
 def test_bad_arguments_are_one_line(bundle, args, fragment):

@@ -1,0 +1,177 @@
+"""The llava-serve application on Ray Serve: model replicas, each running the server's own app (serve/app.py) on its
+own loaded bundle and scheduler, behind one front deployment that reads each request, computes its cache-affinity
+keys and relays it to the replica the router picks (serve/relay.py). `/metrics` there gathers every replica's."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
+from ray import serve
+from ray.exceptions import RayActorError
+from ray.serve.config import RequestRouterConfig
+from ray.serve.exceptions import BackPressureError
+from ray.serve.handle import DeploymentHandle
+from starlette.requests import Request as HTTPRequest
+from starlette.responses import Response, StreamingResponse
+
+from llava_rt.runtime.console import one_line
+
+from . import router_registry
+from .affinity import prefix_keys
+from .app import ModelState, create_app, error_response, load_engine, read_body
+from .config import ClusterConfig, ServeConfig
+from .relay import portable_scope, response_parts, run_app
+from .router import CacheAffinityRouter, PowerOfTwoRouter
+from .schema import APIError
+
+logger = logging.getLogger("llava_rt.serve")
+APP_NAME = "llava-serve"
+MODEL_DEPLOYMENT = "LlavaModel"
+FRONT_DEPLOYMENT = "LlavaFront"
+REPLICA_HEADER = "x-llava-replica"
+ROUTERS = {"cache-affinity": CacheAffinityRouter, "power-of-two": PowerOfTwoRouter}
+METRICS_TIMEOUT_S = 5.0
+GRACEFUL_SHUTDOWN_S = 10
+
+
+class ModelReplica:
+    """One replica: the bundle loaded (the replica starts only once it has), its scheduler, the server's app."""
+
+    def __init__(self, config: ServeConfig):
+        self.state = ModelState(load_engine)
+        self.state.load(config)
+        self.app = create_app(config, state=self.state)
+        self.replica_id = serve.get_replica_context().replica_id.unique_id
+        # Ray Serve's logger writes to this replica's own log file, named after its id
+        logging.getLogger("ray.serve").info("%s loaded (pid %d)", config.bundle, os.getpid())
+
+    async def relay(self, scope: dict, body: bytes, affinity: tuple[str, ...] = (), replica: str | None = None):
+        """The app's answer to one request, as ASGI messages (`affinity` and `replica` are for the router)."""
+        async for message in run_app(self.app, scope, body, {REPLICA_HEADER: self.replica_id}):
+            yield message
+
+    def metrics(self, replica: str | None = None) -> tuple[str, str]:
+        """This replica's id and its metrics in Prometheus' text format."""
+        return self.replica_id, self.app.state.metrics.render().decode()
+
+    def __del__(self):
+        self.state.close()
+
+
+def _merged(texts: list[tuple[str, str]]) -> list[Metric]:
+    """The metric families of each replica's `(id, Prometheus text)`, one family per name, every sample labelled
+    with its `replica`."""
+    families: dict[str, Metric] = {}
+    for replica_id, text in texts:
+        for family in text_string_to_metric_families(text):
+            merged = families.setdefault(family.name, Metric(family.name, family.documentation, family.type, family.unit))
+            merged.samples += [sample._replace(labels={**sample.labels, "replica": replica_id}) for sample in family.samples]
+    return list(families.values())
+
+
+class _Families:
+    """A collector of fixed metric families (a scrape's worth, gathered from the replicas)."""
+
+    def __init__(self, families: list[Metric]):
+        self.families = families
+
+    def collect(self) -> list[Metric]:
+        return self.families
+
+
+class Front:
+    """Reads each request, relays it to a model replica, and relays the answer back; `/metrics` gathers the
+    replicas'. A replica that dies while answering ends its request with a 503 (an error event, once streaming)."""
+
+    def __init__(self, model: DeploymentHandle, config: ServeConfig):
+        self.model, self.config = model, config
+
+    async def __call__(self, request: HTTPRequest) -> Response:
+        try:
+            if request.method == "GET" and request.url.path == "/metrics":
+                return await self._metrics()
+            return await self._relay(request)
+        except APIError as exc:
+            return error_response(exc)
+
+    async def _relay(self, request: HTTPRequest) -> Response:
+        body = await read_body(request, self.config.max_request_bytes)
+        chat = request.method == "POST" and request.url.path == "/v1/chat/completions"
+        call = self.model.options(method_name="relay", stream=True)
+        messages = call.remote(portable_scope(request), body, affinity=prefix_keys(body) if chat else ())
+        try:
+            start, body_parts = await response_parts(messages)
+        except BackPressureError:
+            raise APIError(429, "every replica is busy and the queue is full (--max-queue); retry later") from None
+        except RayActorError:
+            raise APIError(503, "the replica serving this request stopped before answering; retry") from None
+        response = StreamingResponse(_until_replica_lost(body_parts, messages), status_code=start["status"])
+        response.raw_headers = list(start["headers"])
+        return response
+
+    async def _metrics(self) -> Response:
+        replica_ids = router_registry.replica_ids(MODEL_DEPLOYMENT)
+        call = self.model.options(method_name="metrics")
+        calls = [asyncio.wait_for(call.remote(replica=replica_id), METRICS_TIMEOUT_S) for replica_id in replica_ids]
+        texts = []
+        for result in await asyncio.gather(*calls, return_exceptions=True):
+            if isinstance(result, BaseException):
+                logger.warning("a replica's metrics could not be read: %s", one_line(result) or type(result).__name__)
+            else:
+                texts.append(result)
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(_Families(_merged(texts)))
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+
+async def _until_replica_lost(body_parts, messages):
+    """The relayed body; if the replica dies meanwhile, an SSE error event (a 503) ends it."""
+    try:
+        async for part in body_parts:
+            yield part
+    except RayActorError:
+        logger.warning("a replica stopped while answering a request")
+        error = APIError(503, "the replica serving this request stopped while answering; retry").response()
+        yield f"data: {error.model_dump_json()}\n\n".encode()
+    finally:
+        messages.cancel()
+
+
+def application(config: ServeConfig, cluster: ClusterConfig):
+    """The Ray Serve application: the model deployment with its replicas, resources and limits, and the front."""
+    scaling = (
+        {"num_replicas": cluster.replicas}
+        if cluster.autoscale is None
+        else {
+            "autoscaling_config": {
+                "min_replicas": cluster.autoscale[0],
+                "max_replicas": cluster.autoscale[1],
+                "initial_replicas": cluster.replicas,
+                "target_ongoing_requests": config.max_concurrency,
+            }
+        }
+    )
+    model = serve.deployment(
+        ModelReplica,
+        name=MODEL_DEPLOYMENT,
+        ray_actor_options={"num_cpus": cluster.replica_cpus, "num_gpus": cluster.replica_gpus},
+        max_ongoing_requests=config.max_concurrency,
+        max_queued_requests=config.max_queue,
+        request_router_config=RequestRouterConfig(request_router_class=ROUTERS[cluster.routing]),
+        graceful_shutdown_timeout_s=GRACEFUL_SHUTDOWN_S,
+        **scaling,
+    )
+    most_requests = (cluster.autoscale[1] if cluster.autoscale else cluster.replicas) * config.max_concurrency
+    front = serve.deployment(
+        Front,
+        name=FRONT_DEPLOYMENT,
+        num_replicas=1,
+        ray_actor_options={"num_cpus": 0},
+        max_ongoing_requests=most_requests + config.max_queue + 16,  # the queue and the 429s are the model's
+    )
+    return front.bind(model.bind(config), config)

@@ -1,0 +1,155 @@
+"""Replicas on Ray Serve, end to end: run by tests/test_cluster.py inside a network namespace with only loopback
+(Ray binds its node to the machine's routable address otherwise), never collected on their own. The bundle comes
+from $LLAVA_RT_CLUSTER_BUNDLE."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import re
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from test_serve import Server, ask, serving, stream_text, user
+
+RAY_LOGS = Path(os.environ["RAY_TMPDIR"], "ray", "session_latest", "logs", "serve")
+SLOTS, QUEUE = 2, 12  # per replica, and Ray's queue in front of both: 16 requests in all
+LONG = user("Tell me everything.")  # greedy, without max_tokens, over 4000 tokens
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Server:
+    """The single server (no Ray) on the same bundle."""
+    bundle = Path(os.environ["LLAVA_RT_CLUSTER_BUNDLE"])
+    with serving(bundle, tmp_path_factory.mktemp("single")) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory) -> Server:
+    bundle = Path(os.environ["LLAVA_RT_CLUSTER_BUNDLE"])
+    limits = ("--max-concurrency", str(SLOTS), "--max-queue", str(QUEUE))
+    with serving(bundle, tmp_path_factory.mktemp("cluster"), "--replicas", "2", "--replica-cpus", "0.5", *limits) as server:
+        yield server
+    deadline = time.monotonic() + 30
+    while (left := _ray_processes()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not left, f"Ray processes left after the server stopped: {left}"
+
+
+def _ray_processes() -> list[str]:
+    found = subprocess.run(["pgrep", "-a", "-f", "raylet|gcs_server|ray::"], capture_output=True, text=True).stdout
+    return found.splitlines()
+
+
+def answer_and_replica(server: Server, messages: list[dict], **options) -> tuple[object, str]:
+    raw = server.client().chat.completions.with_raw_response.create(model=server.model, messages=messages, **options)
+    return raw.parse(), raw.headers["x-llava-replica"]
+
+
+def replica_pid(replica_id: str) -> int:
+    log = RAY_LOGS.glob(f"replica_*_LlavaModel_{replica_id}.log")
+    return int(re.search(r"loaded \(pid (\d+)\)", next(log).read_text()).group(1))
+
+
+QUESTIONS = [user(f"Question number {i}: what is {i} times {i}?") for i in range(16)]
+
+
+@pytest.fixture(scope="module")
+def single_answers(reference) -> list[str]:
+    return [ask(reference, messages, max_tokens=10).choices[0].message.content for messages in QUESTIONS]
+
+
+def test_streamed_answers_equal_the_single_server(cluster, reference):
+    for messages in (user("Hello there, who are you?"), LONG):
+        expected = ask(reference, messages, max_tokens=24).choices[0].message.content
+        text, chunks = stream_text(cluster, messages, max_tokens=24)
+        assert text == expected and chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_sixteen_concurrent_requests_are_served_by_both_replicas(cluster, single_answers):
+    results, replicas = [None] * len(QUESTIONS), set()
+    barrier = threading.Barrier(len(QUESTIONS))
+
+    def client(index: int) -> None:
+        barrier.wait()
+        answer, replica = answer_and_replica(cluster, QUESTIONS[index], max_tokens=10)
+        results[index] = answer.choices[0].message.content
+        replicas.add(replica)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(QUESTIONS))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert results == single_answers and len(replicas) == 2
+
+
+def test_continued_conversations_land_on_the_replica_holding_their_cache(cluster):
+    for i in range(4):
+        opening = user(f"Conversation {i}. " + "Here is a long preamble about colours and numbers. " * 4)
+        first, replica = answer_and_replica(cluster, opening, max_tokens=6)
+        follow_up = [*opening, {"role": "assistant", "content": first.choices[0].message.content}, *user("Go on.")]
+        second, again = answer_and_replica(cluster, follow_up, max_tokens=4)
+        assert again == replica
+        assert second.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens - 1
+
+
+def test_metrics_gather_every_replica(cluster):
+    status, _, body = cluster.http("GET", "/metrics")
+    assert status == 200
+    families = {family.name: family for family in text_string_to_metric_families(body.decode())}
+    served = {sample.labels["replica"] for sample in families["llava_rt_generated_tokens"].samples}
+    assert len(served) == 2 and "llava_rt_requests_running" in families and "llava_rt_prefix_cache_hits" in families
+
+
+def test_a_full_cluster_answers_429_and_serves_its_queue_after(cluster):
+    running = [ask(cluster, user(f"Tell me everything, {i}."), stream=True) for i in range(2 * SLOTS)]
+    for stream in running:
+        next(stream)  # every slot is decoding
+    queued, answers = [], []
+    for i in range(QUEUE):
+        thread = threading.Thread(target=lambda i=i: answers.append(ask(cluster, user(f"Hi {i}"), max_tokens=2)))
+        thread.start()
+        queued.append(thread)
+    time.sleep(1.0)  # the queued requests reach Ray's queue
+    with pytest.raises(openai.RateLimitError) as refused:
+        ask(cluster, user("One too many"), max_tokens=1)
+    assert refused.value.status_code == 429 and refused.value.body["code"] == 429
+    for stream in running:
+        stream.close()
+    for thread in queued:
+        thread.join(timeout=60)
+    assert len(answers) == QUEUE and all(answer.choices[0].finish_reason == "length" for answer in answers)
+
+
+def _stream_lines(port: int, messages: list[dict]):
+    """A raw streamed request: its replica and an iterator over its SSE data lines."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    connection.request("POST", "/v1/chat/completions", json.dumps({"messages": messages, "stream": True}))
+    response = connection.getresponse()
+    assert response.status == 200
+    lines = (line.decode().strip() for line in response)
+    return response.getheader("x-llava-replica"), (line for line in lines if line.startswith("data: "))
+
+
+def test_a_killed_replica_fails_its_requests_with_503_and_is_replaced(cluster):
+    replica, lines = _stream_lines(cluster.port, user("Tell me everything, once more."))
+    next(lines)
+    os.kill(replica_pid(replica), signal.SIGKILL)
+    rest = list(lines)
+    error = json.loads(rest[-1].removeprefix("data: "))["error"]
+    assert error["code"] == 503 and "stopped while answering" in error["message"]
+    for i in range(4):  # answered meanwhile by the other replica, then by both
+        assert ask(cluster, user(f"After the crash {i}"), max_tokens=2).choices[0].finish_reason == "length"
+    deadline, replicas = time.monotonic() + 60, set()
+    while len(replicas - {replica}) < 2 and time.monotonic() < deadline:
+        replicas.add(answer_and_replica(cluster, user("Who is there?"), max_tokens=1)[1])
+    assert len(replicas - {replica}) == 2, "Ray did not replace the killed replica"
