@@ -49,7 +49,7 @@ def _timings(completion: Completion) -> tuple[float, list[float], int]:
     return times[0] - completion.created, list(np.diff(times)), len(times)
 
 
-def _percentiles(values: list[float]) -> dict[str, float]:
+def percentiles(values: list[float]) -> dict[str, float]:
     if not values:
         return {"p50_ms": float("nan"), "p99_ms": float("nan"), "max_ms": float("nan")}
     p50, p99 = np.percentile(values, [50, 99]) * 1e3
@@ -85,8 +85,8 @@ def measure_load(pipeline: Pipeline, clients: int, args) -> dict:
         "generated_tokens": tokens[0],
         "wall_s": wall,
         "tokens_per_s": tokens[0] / wall,
-        "ttft": _percentiles(ttft),
-        "inter_token": _percentiles(gaps),
+        "ttft": percentiles(ttft),
+        "inter_token": percentiles(gaps),
     }
 
 
@@ -123,7 +123,7 @@ def measure_interference(pipeline: Pipeline, streams: int, chunk: int, args) -> 
         "prefill_chunk": chunk,
         "image_prompt_tokens": image_request.prompt_tokens,
         "image_ttft_s": window[1] - window[0],
-        "inter_token_during_prefill": _percentiles(gaps),
+        "inter_token_during_prefill": percentiles(gaps),
         "samples": len(gaps),
     }
 
