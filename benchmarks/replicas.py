@@ -1,14 +1,15 @@
 """Replicas on Ray Serve under load, over HTTP: `llava-serve --replicas` started once per layout.
 
-    python -m llava_rt.benchmarks.replicas BUNDLE [--layouts 0x2,1x2,2x1,2x2] [--clients 8] [--json out.json]
+    python -m llava_rt.benchmarks.replicas BUNDLE [--layouts 0x2,1x2,1x1,2x1,2x2] [--clients 8] [--json out.json]
 
 A layout RxT is R replicas of T onnxruntime threads each; R = 0 is the single server without Ray. Every layout has
 `--clients` slots in all (each replica `clients / R`). Two measurements:
 - load: `--clients` closed-loop clients each stream `--requests` different text requests: aggregate generated
   tokens per second and time to first token (p50/p99), from the client's side;
-- cache affinity (layouts with 2 or more replicas): a multi-turn replay, `--conversations` at once, each turn
-  repeating the conversation so far; a continued turn hits when the replica that answers it held the previous turn
-  (its usage's cached tokens cover the previous prompt). Hit rate and continued turns' TTFT under
+- cache affinity (layouts with 2 or more replicas): a multi-turn replay of `--conversations` conversations, their
+  turns shuffled and sent by `--replay-clients` clients, each turn repeating the conversation so far; a continued
+  turn hits when the replica that answers it held the previous turn (its usage's cached tokens cover the previous
+  prompt). Hit rate and continued turns' TTFT under
   `--routing cache-affinity` and under Ray's default (`power-of-two`).
 Ray binds its node to a routable address: on a machine without one, run this inside `unshare -n` with `lo` up.
 """
@@ -25,6 +26,7 @@ import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from queue import Empty, Queue
 
 import numpy as np
 
@@ -131,21 +133,39 @@ def measure_load(port: int, args) -> dict:
 
 
 def measure_affinity(port: int, args) -> dict:
-    continued = []  # (hit, ttft) of every turn after the first
-    lock = threading.Lock()
+    """The replay: every conversation's turn 1 in a shuffled order, then every turn 2 (shuffled again), ..., sent by
+    `--replay-clients` workers; a turn waits for its conversation's previous one to be answered."""
+    rng = np.random.default_rng(0)
+    turns = Queue()
+    for turn in range(args.turns):
+        for conversation in rng.permutation(args.conversations):
+            turns.put((int(conversation), turn))
+    histories = [
+        [{"role": "user", "content": f"Conversation {c}. {_words(c, args.prompt_words)}"}] for c in range(args.conversations)
+    ]
+    answered, previous = [0] * args.conversations, [None] * args.conversations
+    continued, turn_done = [], threading.Condition()  # (hit, ttft) of every turn after the first
 
-    def conversation(index: int) -> None:
-        messages = [{"role": "user", "content": f"Conversation {index}. " + _words(index, args.prompt_words)}]
-        previous = None
-        for turn in range(args.turns):
-            outcome = _stream(port, messages, args.turn_tokens)
-            if previous is not None:
-                with lock:
-                    continued.append((outcome["cached_tokens"] >= previous["prompt_tokens"] - 1, outcome["ttft_s"]))
-            previous = outcome
-            messages += [{"role": "assistant", "content": outcome["text"]}, {"role": "user", "content": f"And {turn}?"}]
+    def worker() -> None:
+        while True:
+            try:
+                conversation, turn = turns.get_nowait()
+            except Empty:
+                return
+            with turn_done:
+                turn_done.wait_for(lambda: answered[conversation] == turn)
+            outcome = _stream(port, histories[conversation], args.turn_tokens)
+            with turn_done:
+                if previous[conversation] is not None:
+                    hit = outcome["cached_tokens"] >= previous[conversation]["prompt_tokens"] - 1
+                    continued.append((hit, outcome["ttft_s"]))
+                previous[conversation] = outcome
+                answer, question = {"role": "assistant", "content": outcome["text"]}, {"role": "user", "content": f"And {turn}?"}
+                histories[conversation] += [answer, question]
+                answered[conversation] += 1
+                turn_done.notify_all()
 
-    _in_threads([lambda i=i: conversation(i) for i in range(args.conversations)])
+    _in_threads([worker] * args.replay_clients)
     hits = sum(hit for hit, _ in continued)
     return {
         "continuations": len(continued),
@@ -181,12 +201,13 @@ def report(results: dict) -> str:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llava-bench-replicas", description=__doc__.split("\n\n")[0])
     parser.add_argument("bundle", type=Path, help="a bundle directory (e.g. llava-bench --preset ... --build-only's)")
-    parser.add_argument("--layouts", default="0x2,1x2,2x1,2x2", help="REPLICASxTHREADS, comma-separated (0: no Ray)")
+    parser.add_argument("--layouts", default="0x2,1x2,1x1,2x1,2x2", help="REPLICASxTHREADS, comma-separated (0: no Ray)")
     parser.add_argument("--clients", type=int, default=8, help="concurrent clients in the load test (default 8)")
     parser.add_argument("--requests", type=int, default=2, help="requests per client (default 2)")
-    parser.add_argument("--prompt-words", type=int, default=96, help="words per text prompt (default 96)")
+    parser.add_argument("--prompt-words", type=int, default=32, help="words per text prompt (default 32: about 140 tokens)")
     parser.add_argument("--new-tokens", type=int, default=64, help="max tokens per answer (default 64)")
     parser.add_argument("--conversations", type=int, default=8, help="conversations in the affinity replay (default 8)")
+    parser.add_argument("--replay-clients", type=int, default=4, help="clients sending the replay's turns (default 4)")
     parser.add_argument("--turns", type=int, default=4, help="turns per conversation (default 4)")
     parser.add_argument("--turn-tokens", type=int, default=16, help="max tokens per answer in the replay (default 16)")
     parser.add_argument("--precision", help="the bundle's precision to run (default: the runtime's choice)")

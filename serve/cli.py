@@ -190,13 +190,21 @@ def _cluster_config(args: argparse.Namespace) -> ClusterConfig | None:
     )
 
 
+def configs(args: argparse.Namespace) -> tuple[ServeConfig, ClusterConfig | None]:
+    """The server's configuration and, with `--replicas`, its replicas'; a bad argument is an `InputError`."""
+    config, cluster = _config(args), _cluster_config(args)
+    if cluster is not None and args.threads is None:  # a replica runs as many threads as the CPUs it reserves
+        config = dataclasses.replace(config, threads=max(1, math.ceil(cluster.replica_cpus)))
+    return config, cluster
+
+
 def _main(args: argparse.Namespace) -> int:
     import uvicorn
     from PIL import Image
 
     from .app import create_app
 
-    config, cluster = _config(args), _cluster_config(args)
+    config, cluster = configs(args)
     # Pillow warns about large images as it opens them; the pixel limit refuses them with a 413 of its own.
     warnings.simplefilter("ignore", Image.DecompressionBombWarning)
     for name in ("uvicorn", "llava_rt"):
@@ -205,8 +213,6 @@ def _main(args: argparse.Namespace) -> int:
         require_extra(*CLUSTER_EXTRA)
         from .cluster import serve_replicas
 
-        if args.threads is None:  # a replica runs as many threads as the CPUs it reserves
-            config = dataclasses.replace(config, threads=max(1, math.ceil(cluster.replica_cpus)))
         serve_replicas(config, cluster, args.host, args.port, args.log_level)
         return 0
     try:

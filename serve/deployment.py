@@ -175,3 +175,16 @@ def application(config: ServeConfig, cluster: ClusterConfig):
         max_ongoing_requests=most_requests + config.max_queue + 16,  # the queue and the 429s are the model's
     )
     return front.bind(model.bind(config), config)
+
+
+def build(args: dict):
+    """The application from a dict of `llava-serve` flags (`bundle` and flag names, dashes or underscores; `replicas`
+    defaults to 1): what `serve run llava_rt.serve.deployment:build bundle=PATH replicas=2` and a KubeRay RayService's
+    `import_path` with `args` deploy."""
+    from .cli import build_parser, configs
+
+    options = {key.replace("_", "-"): value for key, value in args.items()}
+    options.setdefault("replicas", 1)
+    argv = [str(options.pop("bundle", ""))] + [f"--{key}={value}" for key, value in options.items()]
+    config, cluster = configs(build_parser().parse_args(argv))
+    return application(config, cluster)

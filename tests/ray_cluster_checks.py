@@ -10,6 +10,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -65,6 +66,22 @@ QUESTIONS = [user(f"Question number {i}: what is {i} times {i}?") for i in range
 @pytest.fixture(scope="module")
 def single_answers(reference) -> list[str]:
     return [ask(reference, messages, max_tokens=10).choices[0].message.content for messages in QUESTIONS]
+
+
+def test_joining_a_running_cluster_leaves_it_running(tmp_path):
+    """`--ray-address`: the app is deployed on a cluster `ray start` made, and removed from it on SIGTERM."""
+    ray = [str(Path(sys.executable).with_name("ray"))]
+    head = ["start", "--head", "--port", "6390", "--num-cpus", "2", "--include-dashboard=false", "--disable-usage-stats"]
+    subprocess.run(ray + head, check=True, capture_output=True, timeout=120)
+    try:
+        bundle = Path(os.environ["LLAVA_RT_CLUSTER_BUNDLE"])
+        with serving(bundle, tmp_path, "--replicas", "1", "--ray-address", "127.0.0.1:6390") as server:
+            assert ask(server, user("Hi"), max_tokens=2).choices[0].finish_reason == "length"
+        status = subprocess.run(ray + ["status", "--address", "127.0.0.1:6390"], capture_output=True, text=True, timeout=60)
+        assert status.returncode == 0 and "2.0 CPU" in status.stdout, status.stdout + status.stderr
+        assert " 0.0/2.0 CPU" in status.stdout, "the replica's CPU is still reserved: the app was not removed"
+    finally:
+        subprocess.run(ray + ["stop", "--force"], capture_output=True, timeout=120)
 
 
 def test_streamed_answers_equal_the_single_server(cluster, reference):

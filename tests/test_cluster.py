@@ -43,4 +43,21 @@ def test_replicas_on_ray_serve(onevision, tmp_path):
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
     summary = re.search(r"(\d+) passed", output)
-    assert summary is not None and int(summary.group(1)) == 6 and "skipped" not in output, output
+    assert summary is not None and int(summary.group(1)) == 7 and "skipped" not in output, output
+
+
+def test_the_application_builder_takes_the_commands_flags(tmp_path):
+    """`serve run llava_rt.serve.deployment:build bundle=... replicas=2` (and KubeRay's import_path) builds the
+    application from llava-serve's flags, checked as the command checks them."""
+    from ray.serve import Application
+
+    from llava_rt.runtime import InputError
+    from llava_rt.serve.deployment import build
+
+    assert isinstance(
+        build({"bundle": str(tmp_path), "replicas": 2, "max_concurrency": 3, "routing": "power-of-two"}), Application
+    )
+    with pytest.raises(InputError, match="--autoscale must be MIN:MAX"):
+        build({"bundle": str(tmp_path), "replicas": 2, "autoscale": "3:1"})
+    with pytest.raises(InputError, match="bundle directory not found"):
+        build({"bundle": str(tmp_path / "none")})
