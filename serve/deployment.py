@@ -98,6 +98,9 @@ class Front:
             return await self._relay(request)
         except APIError as exc:
             return error_response(exc)
+        except Exception as exc:  # a replica's failure that is not an HTTP answer: still OpenAI's error object
+            logger.exception("relaying %s %s failed", request.method, request.url.path)
+            return error_response(APIError(500, f"internal error: {one_line(exc) or type(exc).__name__}"))
 
     async def _relay(self, request: HTTPRequest) -> Response:
         body = await read_body(request, self.config.max_request_bytes)

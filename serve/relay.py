@@ -5,9 +5,14 @@ those messages back into a streaming response. Used by the Ray Serve deployment 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from starlette.requests import Request as HTTPRequest
+
+from llava_rt.runtime.console import one_line
+
+logger = logging.getLogger("llava_rt.serve")
 
 SCOPE_KEYS = (
     "type",
@@ -39,7 +44,7 @@ async def run_app(
     sees the client leave (`http.disconnect`) when this generator is closed before the app has finished."""
     sent: asyncio.Queue[dict | None] = asyncio.Queue()
     left = asyncio.Event()
-    body_read = False
+    body_read = answered = False
 
     async def receive() -> dict:
         nonlocal body_read
@@ -50,7 +55,9 @@ async def run_app(
         return {"type": "http.disconnect"}
 
     async def send(message: dict) -> None:
+        nonlocal answered
         if message["type"] == "http.response.start":
+            answered = True
             headers = [(name.encode(), value.encode()) for name, value in extra_headers.items()]
             message = {**message, "headers": [*message.get("headers", []), *headers]}
         await sent.put(message)
@@ -60,7 +67,11 @@ async def run_app(
     try:
         while (message := await sent.get()) is not None:
             yield message
-        await task  # an app that failed without answering fails the relay
+        error = None if task.cancelled() else task.exception()
+        if error is not None and not answered:
+            raise error
+        if error is not None:  # Starlette raises again what it has answered with a 500, for the server to log
+            logger.error("the app failed after answering: %s", one_line(error) or type(error).__name__)
     finally:
         left.set()
         if not task.done():

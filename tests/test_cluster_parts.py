@@ -115,3 +115,20 @@ def test_a_relayed_response_must_begin_with_its_start():
 
     with pytest.raises(RuntimeError, match="began with 'http.response.body'"):
         asyncio.run(response_parts(body_first()))
+
+
+def test_an_app_failing_after_its_500_ends_the_relay_cleanly_and_one_failing_before_raises():
+    async def crashing(scope, receive, send):
+        await send({"type": "http.response.start", "status": 500, "headers": []})
+        await send({"type": "http.response.body", "body": b"oops"})
+        raise ValueError("raised again after answering")
+
+    async def silent(scope, receive, send):
+        raise ValueError("no answer")
+
+    async def relayed(app):
+        return [message async for message in run_app(app, _scope("GET", "/"), b"", {})]
+
+    assert [message["type"] for message in asyncio.run(relayed(crashing))] == ["http.response.start", "http.response.body"]
+    with pytest.raises(ValueError, match="no answer"):
+        asyncio.run(relayed(silent))
