@@ -16,14 +16,6 @@ from .config import ClusterConfig, ServeConfig
 logger = logging.getLogger("llava_rt.serve")
 
 
-def _wait_for_a_stop_signal() -> None:
-    """Return on SIGINT or SIGTERM (both raise `KeyboardInterrupt` under `run_command`)."""
-    try:
-        threading.Event().wait()
-    except KeyboardInterrupt:
-        logger.info("stopping the replicas")
-
-
 def _local_cpus(config: ServeConfig, cluster: ClusterConfig) -> int:
     """The CPUs a local cluster offers: the machine's, or as many as the replicas reserve if that is more."""
     most = cluster.autoscale[1] if cluster.autoscale else cluster.replicas
@@ -57,8 +49,11 @@ def serve_replicas(config: ServeConfig, cluster: ClusterConfig, host: str, port:
         except RuntimeError as exc:  # a replica failed to start (its log says why)
             raise LlavaRtError(f"the replicas did not start: {one_line(exc)}") from exc
         logger.info("serving %s on http://%s:%d with %d replicas", config.served_model_name, host, port, cluster.replicas)
-        _wait_for_a_stop_signal()
+        threading.Event().wait()
+    except KeyboardInterrupt:  # SIGINT or SIGTERM, while deploying or serving
+        logger.info("stopping the replicas")
     finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the cleanup short
         if cluster.ray_address is None:
             serve.shutdown()
         else:

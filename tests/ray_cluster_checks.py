@@ -68,9 +68,13 @@ def single_answers(reference) -> list[str]:
     return [ask(reference, messages, max_tokens=10).choices[0].message.content for messages in QUESTIONS]
 
 
-def test_joining_a_running_cluster_leaves_it_running(tmp_path):
-    """`--ray-address`: the app is deployed on a cluster `ray start` made, and removed from it on SIGTERM."""
+def test_joining_a_running_cluster_leaves_it_running(tmp_path, monkeypatch):
+    """`--ray-address`: the app is deployed on a cluster `ray start` made, with Ray's token authentication on (the
+    token in a home of the test's own), and removed from it on SIGTERM, the cluster left running."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # Ray keeps its token in ~/.ray/auth_token
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
     ray = [str(Path(sys.executable).with_name("ray"))]
+    subprocess.run(ray + ["get-auth-token", "--generate"], check=True, capture_output=True, timeout=60)
     head = ["start", "--head", "--port", "6390", "--num-cpus", "2", "--include-dashboard=false", "--disable-usage-stats"]
     subprocess.run(ray + head, check=True, capture_output=True, timeout=120)
     try:
