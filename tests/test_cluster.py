@@ -30,6 +30,7 @@ def test_replicas_on_ray_serve(onevision, tmp_path):
     inner = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--basetemp", str(tmp_path / "inner"), str(CHECKS)]
     ray_directory = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # Ray's socket paths must stay under 108 bytes
     environment = {**os.environ, "LLAVA_RT_CLUSTER_BUNDLE": str(onevision["ov"].bundle), "RAY_TMPDIR": ray_directory}
+    (tmp_path / "home").mkdir()
     environment["HOME"] = str(tmp_path / "home")  # Ray writes its authentication token under ~/.ray
     try:
         result = subprocess.run(
