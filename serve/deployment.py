@@ -113,7 +113,9 @@ class Front:
             raise APIError(429, "every replica is busy and the queue is full (--max-queue); retry later") from None
         except RayActorError:
             raise APIError(503, "the replica serving this request stopped before answering; retry") from None
-        response = StreamingResponse(_until_replica_lost(body_parts, messages), status_code=start["status"])
+        types = [value.split(b";")[0].strip() for name, value in start["headers"] if name.lower() == b"content-type"]
+        streaming = types == [b"text/event-stream"]
+        response = StreamingResponse(_until_replica_lost(body_parts, messages, streaming), status_code=start["status"])
         response.raw_headers = list(start["headers"])
         return response
 
@@ -132,15 +134,17 @@ class Front:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
 
-async def _until_replica_lost(body_parts, messages):
-    """The relayed body; if the replica dies meanwhile, an SSE error event (a 503) ends it."""
+async def _until_replica_lost(body_parts, messages, streaming: bool):
+    """The relayed body; if the replica dies meanwhile, an SSE stream ends with an error event (a 503), and any
+    other body where it was cut."""
     try:
         async for part in body_parts:
             yield part
     except RayActorError:
         logger.warning("a replica stopped while answering a request")
-        error = APIError(503, "the replica serving this request stopped while answering; retry").response()
-        yield f"data: {error.model_dump_json()}\n\n".encode()
+        if streaming:
+            error = APIError(503, "the replica serving this request stopped while answering; retry").response()
+            yield f"data: {error.model_dump_json()}\n\n".encode()
     finally:
         messages.cancel()
 
