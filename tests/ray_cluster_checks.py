@@ -81,8 +81,13 @@ def test_joining_a_running_cluster_leaves_it_running(tmp_path, monkeypatch):
         bundle = Path(os.environ["LLAVA_RT_CLUSTER_BUNDLE"])
         with serving(bundle, tmp_path, "--replicas", "1", "--ray-address", "127.0.0.1:6390") as server:
             assert ask(server, user("Hi"), max_tokens=2).choices[0].finish_reason == "length"
-        status = subprocess.run(ray + ["status", "--address", "127.0.0.1:6390"], capture_output=True, text=True, timeout=60)
-        assert status.returncode == 0 and "2.0 CPU" in status.stdout, status.stdout + status.stderr
+        deadline = time.monotonic() + 30  # `ray status` reports resources as the cluster last sent them
+        while True:
+            status = subprocess.run(ray + ["status", "--address", "127.0.0.1:6390"], capture_output=True, text=True, timeout=60)
+            assert status.returncode == 0 and "2.0 CPU" in status.stdout, status.stdout + status.stderr
+            if " 0.0/2.0 CPU" in status.stdout or time.monotonic() > deadline:
+                break
+            time.sleep(1.0)
         assert " 0.0/2.0 CPU" in status.stdout, "the replica's CPU is still reserved: the app was not removed"
     finally:
         subprocess.run(ray + ["stop", "--force"], capture_output=True, timeout=120)
@@ -149,6 +154,23 @@ def test_a_full_cluster_answers_429_and_serves_its_queue_after(cluster):
     for thread in queued:
         thread.join(timeout=60)
     assert len(answers) == QUEUE and all(answer.choices[0].finish_reason == "length" for answer in answers)
+
+
+def _generated_tokens(server: Server) -> float:
+    _, _, body = server.http("GET", "/metrics")
+    families = {family.name: family for family in text_string_to_metric_families(body.decode())}
+    return sum(sample.value for sample in families["llava_rt_generated_tokens"].samples if sample.name.endswith("_total"))
+
+
+def test_a_client_that_leaves_stops_its_generation_on_the_replica(cluster):
+    stream = ask(cluster, LONG, stream=True)
+    for _ in range(5):
+        next(stream)
+    stream.close()
+    time.sleep(2.0)  # the cancellation crosses the proxy, the front and the replica
+    left = _generated_tokens(cluster)
+    time.sleep(2.0)
+    assert _generated_tokens(cluster) == left  # nothing is generating any more: that answer ran to over 4000 tokens
 
 
 def _stream_lines(port: int, messages: list[dict]):
