@@ -4,6 +4,7 @@ with it, or on an existing cluster joined by address. Ray is imported only here 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import threading
@@ -16,10 +17,10 @@ from .config import ClusterConfig, ServeConfig
 logger = logging.getLogger("llava_rt.serve")
 
 
-def _local_cpus(config: ServeConfig, cluster: ClusterConfig) -> int:
+def _local_cpus(cluster: ClusterConfig) -> int:
     """The CPUs a local cluster offers: the machine's, or as many as the replicas reserve if that is more."""
-    most = cluster.autoscale[1] if cluster.autoscale else cluster.replicas
-    needed = int(-(-most * cluster.replica_cpus // 1))
+    most = cluster.most_replicas
+    needed = math.ceil(most * cluster.replica_cpus)
     cores = os.cpu_count() or 1
     if needed > cores:
         logger.warning("%d replicas x %g CPUs reserve more than this machine's %d cores", most, cluster.replica_cpus, cores)
@@ -36,7 +37,7 @@ def serve_replicas(config: ServeConfig, cluster: ClusterConfig, host: str, port:
     level = log_level.upper()
     try:
         if cluster.ray_address is None:
-            ray.init(num_cpus=_local_cpus(config, cluster), include_dashboard=False, logging_level=level, log_to_driver=False)
+            ray.init(num_cpus=_local_cpus(cluster), include_dashboard=False, logging_level=level, log_to_driver=False)
         else:
             ray.init(address=cluster.ray_address, logging_level=level, log_to_driver=False)
     except (ConnectionError, OSError, RuntimeError, ValueError) as exc:

@@ -42,3 +42,8 @@ class ClusterConfig:
     replica_cpus: float = 1.0
     replica_gpus: float = 0.0
     routing: str = "cache-affinity"
+
+    @property
+    def most_replicas(self) -> int:
+        """The replicas there can be at once: `--autoscale`'s MAX, else `--replicas`."""
+        return self.autoscale[1] if self.autoscale else self.replicas

@@ -173,7 +173,7 @@ def application(config: ServeConfig, cluster: ClusterConfig):
         graceful_shutdown_timeout_s=GRACEFUL_SHUTDOWN_S,
         **scaling,
     )
-    most_requests = (cluster.autoscale[1] if cluster.autoscale else cluster.replicas) * config.max_concurrency
+    most_requests = cluster.most_replicas * config.max_concurrency
     front = serve.deployment(
         Front,
         name=FRONT_DEPLOYMENT,
