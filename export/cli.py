@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from ..runtime.console import add_standard_options, one_line, run_command, say
-from .options import EXTRA, VARIANT_PRECISIONS, check_precisions
+from .options import DECODER_OPSETS, EXTRA, FUSED_OPSET, PORTABLE_OPSET, VARIANT_PRECISIONS, check_precisions
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,6 +41,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="largest max abs difference vs PyTorch an fp32 graph may show (default: 1e-4)",
     )
     parser.add_argument(
+        "--decoder-opset",
+        type=int,
+        choices=DECODER_OPSETS,
+        default=FUSED_OPSET,
+        help=f"ai.onnx opset of the decoder graphs: {FUSED_OPSET} (default) writes RMSNormalization and RotaryEmbedding, "
+        f"which TensorRT parses from 10.15; {PORTABLE_OPSET} spells them op by op, for TensorRT 10.3 (JetPack 6). Both "
+        "fuse the Q/K/V and gate/up projections",
+    )
+    parser.add_argument(
         "--force", action="store_true", help="replace --out if it is a bundle or an empty directory (nothing else)"
     )
     return add_standard_options(parser)
@@ -57,6 +66,7 @@ def _export(args: argparse.Namespace) -> int:
         calibration_images=args.calibration_images,
         force=args.force,
         tolerance=args.tolerance,
+        decoder_opset=args.decoder_opset,
         log=say,
     )
     diffs = ", ".join(f"{k} {v:.2e}" for k, v in manifest["verification"]["max_abs_diff"].items())

@@ -20,6 +20,7 @@ from ..runtime.manifest_schema import REEXPORT_ADVICE, check_manifest
 from . import verify
 from .checkpoint import load_model, read_checkpoint
 from .compat import check_transformers
+from .fusion import decoder_export_options
 from .graphs import (
     PROJECTOR_IO,
     VIDEO_POOL_IO,
@@ -34,7 +35,7 @@ from .graphs import (
 )
 from .manifest import build_manifest, config_sections, feature_layers, variant_entry
 from .onnx_export import export_onnx
-from .options import check_precisions
+from .options import DECODER_OPSETS, FUSED_OPSET, check_precisions
 from .staging import check_destination, staged_directory
 from .variants import add_variants, calibration_sources, check_tensorrt, file_table, variant_stages
 
@@ -84,10 +85,10 @@ def _tied_table(graph_path: Path, embed: np.ndarray) -> dict[str, Any]:
 
 
 def _export_graphs(
-    model, work: Path, tolerance: float, stages: _Stages, log: Callable[[str], None]
+    model, work: Path, tolerance: float, decoder_opset: int, stages: _Stages, log: Callable[[str], None]
 ) -> tuple[dict[str, Any], dict[str, float]]:
     """Export the fp32 vision, projector and decoder graphs into `work` (two stages), verifying each; returns their
-    manifest entries and diffs."""
+    manifest entries and diffs. The decoder is exported at `decoder_opset`, fused (`fusion`)."""
     config = model.config
     vision_config, text_config = config.vision_config, config.text_config
     generator = torch.Generator().manual_seed(0)
@@ -127,7 +128,10 @@ def _export_graphs(
     kv_cache = kv_cache_spec(text_config)
     example = decoder_example(text_config.hidden_size, kv_cache, torch.float32, generator)
     io = decoder_io(kv_cache)
-    export_onnx(decoder, example, work / "decoder.onnx", io.inputs, io.outputs, io.axes, external_data=ties_embeddings(model))
+    options = decoder_export_options(decoder_opset, log)
+    export_onnx(
+        decoder, example, work / "decoder.onnx", io.inputs, io.outputs, io.axes, external_data=ties_embeddings(model), **options
+    )
     record("decoder", verify.verify_decoder(work / "decoder.onnx", model, kv_cache, torch.float32))
     graphs["decoder"]["kv_cache"] = kv_cache
     return graphs, diffs
@@ -149,6 +153,7 @@ def export_bundle(
     calibration_images: str | Path | None = None,
     force: bool = False,
     tolerance: float | None = None,
+    decoder_opset: int = FUSED_OPSET,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Export a checkpoint into a bundle at `out_dir`; returns the manifest. Nothing is left behind on failure.
@@ -158,9 +163,12 @@ def export_bundle(
     PyTorch within `tolerance` (max abs difference, default `verify.TOLERANCE`); they stay in the bundle as the
     reference of every precision variant `precisions` adds (fp16, int8, int4; see `variants`), whose drift is
     measured and recorded. int8 calibrates on the images in `calibration_images` (default: a built-in set). The
-    manifest is checked as the runtime checks it before it is written.
+    manifest is checked as the runtime checks it before it is written. The decoder graphs are fused at
+    `decoder_opset` 23; at 18 (for TensorRT 10.3) only their projections are (`fusion`).
     """
     precisions = check_precisions(precisions)
+    if decoder_opset not in DECODER_OPSETS:
+        raise ExportError(f"--decoder-opset is {' or '.join(map(str, DECODER_OPSETS))}, not {decoder_opset}")
     if calibration_images is not None and "int8" not in precisions:
         raise ExportError("--calibration-images is used by --precision int8 only")
     check_transformers()
@@ -184,7 +192,7 @@ def export_bundle(
         with staged_directory(out_dir) as work:
             stages.next()
             model = load_model(checkpoint, torch.float32)
-            graphs, diffs = _export_graphs(model, work, tolerance, stages, log)
+            graphs, diffs = _export_graphs(model, work, tolerance, decoder_opset, stages, log)
             stages.next()
             embed = model.get_input_embeddings().weight.detach().float().numpy()
             arrays = {"image_newline": "image_newline.npy", "embed_tokens": "embed_tokens.npy"}

@@ -26,6 +26,7 @@ from torch import nn
 
 from ..runtime.errors import ExportError
 from .drift import compare_outputs, open_graph, run_graph
+from .fusion import decoder_export_options, graph_opset
 from .graphs import (
     FP32_SOFTMAX_ATTENTION,
     PROJECTOR_IO,
@@ -177,14 +178,18 @@ def _export_vision_side(model, work: Path, graphs: list[str], log: Callable[[str
 
 def _export_decoder(model, work: Path, log: Callable[[str], None]) -> Path:
     """The decoder graph, checked through a left-padded prefill and two decode steps against the fp16 model. Its
-    weights go to external data when the fp32 decoder's do (the tied embedding table is read from there)."""
+    weights go to external data when the fp32 decoder's do (the tied embedding table is read from there); it is
+    fused at the fp32 decoder's opset."""
     text_config = model.config.text_config
     kv_cache = kv_cache_spec(text_config)
     io = decoder_io(kv_cache)
     example = decoder_example(text_config.hidden_size, kv_cache, torch.float16, torch.Generator().manual_seed(0))
     path = work / "decoder.fp16.onnx"
     decoder = DecoderWithCache(model.model.language_model, model.lm_head)
-    export_onnx(decoder, example, path, io.inputs, io.outputs, io.axes, external_data=(work / "decoder.onnx.data").is_file())
+    options = decoder_export_options(graph_opset(work / "decoder.onnx"), log)
+    export_onnx(
+        decoder, example, path, io.inputs, io.outputs, io.axes, external_data=(work / "decoder.onnx.data").is_file(), **options
+    )
     with Fp32Accumulation():
         actual, expected = decoder_logits(path, model, kv_cache, torch.float16)
     _check(path, actual, expected, log)

@@ -6,14 +6,16 @@ import contextlib
 import io
 import logging
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import onnx_ir as ir
 import torch
 
 from ..runtime.errors import ExportError
+from .options import PORTABLE_OPSET
 
-OPSET = 18
+OPSET = PORTABLE_OPSET
 # Graphs whose weights exceed this are saved with an external data file next to them.
 EXTERNAL_DATA_THRESHOLD = 1 << 30
 
@@ -51,11 +53,14 @@ def export_onnx(
     output_names: list[str],
     axes: dict[str, dict[int, str]],
     external_data: bool = False,
+    opset: int = OPSET,
+    rewrite: Callable[[ir.Model], object] | None = None,
 ) -> None:
-    """Export `module(*args)` to `path` (weights in `<path>.data` when large).
+    """Export `module(*args)` to `path` (weights in `<path>.data` when large) at ai.onnx `opset`.
 
     `axes` names the dynamic axes of inputs and outputs: `{tensor name: {axis: axis name}}`.
     `external_data` forces the weights into `<path>.data` whatever their size.
+    `rewrite` edits the exported model in place before it is saved (the decoder's fusions).
     """
     _quiet_exporter_logs()
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
@@ -67,7 +72,7 @@ def export_onnx(
                 input_names=input_names,
                 output_names=output_names,
                 dynamic_shapes=_dynamic_shapes(args, input_names, axes),
-                opset_version=OPSET,
+                opset_version=opset,
                 dynamo=True,
                 verbose=False,
             )
@@ -76,5 +81,7 @@ def export_onnx(
             summary = next((line for line in lines if line.startswith("<class")), lines[0] if lines else repr(exc))
             raise ExportError(f"ONNX export of {path.name} failed: {summary}") from exc
     _name_axes(program.model, axes)
+    if rewrite is not None:
+        rewrite(program.model)
     weight_bytes = sum(value.const_value.nbytes for value in program.model.graph.initializers.values())
     program.save(path, external_data=external_data or weight_bytes > EXTERNAL_DATA_THRESHOLD)

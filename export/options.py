@@ -8,6 +8,11 @@ from ..runtime.errors import ExportError
 
 # The precision variants an export can add; the fp32 graphs are in every bundle, as the reference.
 VARIANT_PRECISIONS = ("fp16", "int8", "int4")
+# ai.onnx opsets of the decoder graphs: 23 writes RMSNormalization and RotaryEmbedding (TensorRT parses them from
+# 10.15); 18, every other graph's, spells them op by op, for TensorRT 10.3 (JetPack 6).
+FUSED_OPSET = 23
+PORTABLE_OPSET = 18
+DECODER_OPSETS = (FUSED_OPSET, PORTABLE_OPSET)
 # the `export` extra and the modules that show it is installed
 EXTRA = ("export", ("torch", "transformers", "onnx", "onnxscript", "onnx_ir", "safetensors"))
 

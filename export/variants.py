@@ -18,7 +18,9 @@ from ..runtime.bundle import Bundle, read_array, sha256_file
 from ..runtime.manifest_schema import graph_variants
 from ..runtime.pipeline import Pipeline
 from .drift import decoder_drift, graph_drift
+from .fusion import graph_opset
 from .manifest import variant_entry
+from .options import PORTABLE_OPSET
 
 if TYPE_CHECKING:
     from .static_int8 import TileInputs
@@ -190,17 +192,26 @@ def check_tensorrt(work: Path, manifest: dict[str, Any], log: Callable[[str], No
     """Run the static TensorRT parser check on every standard-form graph, for each TensorRT version it knows; record
     the findings (onnxruntime-only forms are not meant for TensorRT and are not checked)."""
     from ..engines.tensorrt_check import check_graphs
-    from ..engines.tensorrt_support import TRT_VERSIONS
+    from ..engines.tensorrt_support import TRT_VERSIONS, support_for
 
     standard = [entry["file"] for _, _, entry in graph_variants(manifest) if entry["form"] == "standard"]
+    decoder_opset = graph_opset(work / "decoder.onnx")
     results = {}
     for version in TRT_VERSIONS:
-        findings = [str(finding) for finding in check_graphs([work / name for name in standard], version)]
+        checked = check_graphs([work / name for name in standard], version)
+        findings = [str(finding) for finding in checked]
         results[version] = {"passed": not findings, "graphs": len(standard), "findings": findings}
         verdict = f"{len(findings)} finding(s)" if findings else "pass"
+        shown = findings[:SHOWN_FINDINGS]
+        if findings and decoder_opset > support_for(version).opsets[1] and all(f.graph.startswith("decoder.") for f in checked):
+            verdict += (
+                f", all in the opset-{decoder_opset} decoder graphs (`llava-export --decoder-opset {PORTABLE_OPSET}` "
+                f"writes them for TensorRT {version})"
+            )
+            shown = []
         log(f"  TensorRT {version} ONNX parser, {len(standard)} standard graphs: {verdict}")
-        for finding in findings[:SHOWN_FINDINGS]:
+        for finding in shown:
             log(f"    {finding}")
-        if len(findings) > SHOWN_FINDINGS:
-            log(f"    ... {len(findings) - SHOWN_FINDINGS} more: llava-bundle check BUNDLE --tensorrt --trt-version {version}")
+        if len(findings) > len(shown) and shown:
+            log(f"    ... {len(findings) - len(shown)} more: llava-bundle check BUNDLE --tensorrt --trt-version {version}")
     manifest["verification"]["tensorrt"] = results

@@ -20,6 +20,7 @@ import numpy as np
 import onnx
 from onnx import external_data_helper, helper, numpy_helper, version_converter
 
+from .fusion import graph_opset
 from .int8_activations import write_int8_activations
 
 BITS = {"int8": 8, "int4": 4}
@@ -78,11 +79,11 @@ def _dequantized_weights(model: onnx.ModelProto, base_dir: Path, bits: int) -> N
 def write_weight_only(reference: Path, target: Path, bits: int) -> Path:
     """Write the standard weight-only form of the decoder at `reference` to `target` (+ `<target>.data`).
 
-    For int4 the model's opset goes to `BLOCKED_OPSET` through onnx's version converter (which adapts any operator
-    whose meaning changed; the decoder's ops only gained types); int8 keeps the reference's opset, which TensorRT 10.3
-    parses. The weights are read one at a time."""
+    For int4 a model below `BLOCKED_OPSET` goes to it through onnx's version converter (which adapts any operator
+    whose meaning changed; the decoder's ops only gained types); int8 keeps the reference's opset (18, from
+    `llava-export --decoder-opset 18`, is one TensorRT 10.3 parses). The weights are read one at a time."""
     model = onnx.load(reference, load_external_data=False)
-    if bits == 4:
+    if bits == 4 and graph_opset(reference) < BLOCKED_OPSET:
         model = version_converter.convert_version(model, BLOCKED_OPSET)
     _dequantized_weights(model, reference.parent, bits)
     external_data_helper.load_external_data_for_model(model, str(reference.parent))

@@ -166,11 +166,12 @@ def test_left_padding_and_fully_masked_rows(cases):
 
 
 def test_norms_softmax_and_rotary_tables_compute_in_fp32(cases):
-    """The input of every LayerNormalization, ReduceMean (RMSNorm statistics), Softmax, Cos and Sin is float32, and
-    each graph has the ones its family needs."""
+    """The input of every LayerNormalization, ReduceMean (RMSNorm statistics spelled out), Softmax, Cos and Sin is
+    float32, every RMSNormalization computes its statistics in float32 (`stash_type`), and each graph has the ones its
+    family needs."""
     needed = {
         "vision": {"LayerNormalization", "Softmax"},
-        "decoder": {"ReduceMean", "Softmax", "Cos", "Sin"},
+        "decoder": {"RMSNormalization", "Softmax", "Cos", "Sin"},
         "projector": set(),
         "video_pool": set(),
     }
@@ -178,8 +179,11 @@ def test_norms_softmax_and_rotary_tables_compute_in_fp32(cases):
         types = _value_types(path)
         nodes = onnx.load(path, load_external_data=False).graph.node
         island = [node for node in nodes if node.op_type in {"LayerNormalization", "ReduceMean", "Softmax", "Cos", "Sin"}]
-        assert needed[graph] <= {node.op_type for node in island}, (case, graph)
+        norms = [node for node in nodes if node.op_type == "RMSNormalization"]
+        assert needed[graph] <= {node.op_type for node in island + norms}, (case, graph)
         assert [node.name for node in island if types.get(node.input[0]) != FLOAT] == [], (case, graph)
+        stash_types = {attribute.i for node in norms for attribute in node.attribute if attribute.name == "stash_type"}
+        assert stash_types <= {FLOAT} and len(stash_types) == bool(norms), (case, graph)
         for node in island:
             if node.op_type == "LayerNormalization":
                 assert [types.get(name) for name in node.input[1:]] == [FLOAT] * (len(node.input) - 1), (case, node.name)

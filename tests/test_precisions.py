@@ -123,23 +123,25 @@ def test_qdq_zero_points_of_the_standard_files_are_zero(exported):
                     assert not np.any(values[node.input[2]]), (entry["file"], node.name)
 
 
-def test_tensorrt_check_passes_except_int4_before_opset_21(exported):
+def test_tensorrt_check_passes_except_opset_23_decoders_before_10_15(exported):
     """Every standard graph passes the check for TensorRT 10.15 and 11; for 10.3, whose parser documents opsets up to
-    20, only the int4 decoder (opset-21 blocked DequantizeLinear) has findings."""
+    20, only the decoders (opset 23 by default) have findings, and the export says so in one line with the option
+    that writes them for 10.3."""
     bundle, manifest, lines = exported
     results = manifest["verification"]["tensorrt"]
     assert set(results) == {"10.3", "10.15", "11"}
     assert results["10.15"]["passed"] and results["11"]["passed"], results
-    assert results["10.3"]["findings"] and all(f.startswith("decoder.int4.onnx: ") for f in results["10.3"]["findings"])
-    assert sum(line.startswith("    decoder.int4.onnx: ") for line in lines) <= 3  # the export prints a few, says how many
+    flagged = {finding.split(": ", 1)[0] for finding in results["10.3"]["findings"]}
+    assert flagged == {"decoder.onnx", "decoder.fp16.onnx", "decoder.int8.onnx", "decoder.int4.onnx"}
+    [summary] = [line for line in lines if "TensorRT 10.3 ONNX parser" in line]
+    assert "all in the opset-23 decoder graphs" in summary and "--decoder-opset 18" in summary
+    assert not any(line.startswith("    decoder.") for line in lines)
     done = run("llava_rt.runtime.bundle_cli", "check", str(bundle), "--tensorrt", "--trt-version", "10.15")
     assert done.returncode == 0, done.stdout + done.stderr
     assert "every one passes" in done.stdout and "decoder int4: decoder.int4.onnx" in done.stdout
     done = run("llava_rt.runtime.bundle_cli", "check", str(bundle), "--tensorrt")
     assert done.returncode == 1 and "TensorRT 10.3 ONNX parser" in done.stdout
-    assert len([line for line in done.stdout.splitlines() if line.startswith("decoder.int4.onnx: ")]) == len(
-        results["10.3"]["findings"]
-    )
+    assert len([line for line in done.stdout.splitlines() if line.startswith("decoder.")]) == len(results["10.3"]["findings"])
 
 
 def test_tensorrt_check_fails_on_a_planted_operator(exported, tmp_path):

@@ -97,7 +97,11 @@ def test_every_exported_fp32_graph_passes(version, variants, onevision, next_vid
     for bundle, with_video_pool in bundles:
         for path in exported_graphs(bundle, with_video_pool):
             findings = check_graph(path, version)
-            assert findings == [], f"{bundle.name}: " + "; ".join(map(str, findings))
+            if version == "10.3" and path.name == "decoder.onnx":  # opset 23 by default; --decoder-opset 18 is for 10.3
+                assert findings[0].reason == "ai.onnx opset 23 is outside TensorRT 10.3's range 9-20"
+                assert {finding.op_type for finding in findings[1:]} == {"RMSNormalization", "RotaryEmbedding"}
+            else:
+                assert findings == [], f"{bundle.name}: " + "; ".join(map(str, findings))
             checked += 1
     assert checked == 3 * 7 + 3  # 7 bundles of three graphs, and the 3 LLaVA-NeXT-Video video_pool graphs
 
