@@ -15,7 +15,7 @@ from .backends import BackendConfig
 from .bundle import Bundle, load_bundle
 from .chat import normalize_messages, user_turn
 from .console import progress
-from .decoding import Generator
+from .decoding import PREFILL_CHUNK, Generator
 from .detokenize import TextStream
 from .engine_plans import plans_for
 from .errors import BundleError, InputError
@@ -105,6 +105,8 @@ class Pipeline:
         }
         self._placeholders = re.compile("|".join(re.escape(token) for token in self._placeholder_kinds))
         self.max_length = manifest["text"]["max_position_embeddings"]
+        # prompt tokens per decoder run of a prefill (0: the whole prompt in one run); see `Generator`
+        self.prefill_chunk = PREFILL_CHUNK
 
     @classmethod
     def load(
@@ -390,6 +392,7 @@ class DecodingRun:
             pipeline.tokens["eos_token_ids"],
             self.max_new_tokens,
             pipeline.max_length,
+            pipeline.prefill_chunk,
         )
         self.streams = streams = [TextStream(pipeline.tokenizer, self.options.stop) for _ in self.requests]
         while not generator.is_done:

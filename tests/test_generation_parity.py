@@ -57,6 +57,19 @@ def test_greedy_ids_equal_transformers(variant, pipelines, case):
     assert all(len(ids) > 0 for ids in expected)
 
 
+@pytest.mark.parametrize("case", ["two images", "batch of three"])
+def test_prefill_in_short_runs_keeps_greedy_ids(variant, case):
+    """A prompt fed in runs of 5 tokens (left padding spread over several runs in a batch) answers as transformers."""
+    conversations, sizes = CASES[case]
+    images = [[random_image(h, w, seed=h * w) for h, w in row] for row in sizes]
+    expected, _, inputs = reference_generate(variant, conversations, images)
+    pipeline = variant.pipeline()
+    pipeline.prefill_chunk = 5
+    assert inputs["input_ids"].shape[1] > 4 * pipeline.prefill_chunk
+    results = pipeline.generate_batch(conversations, images=images, max_new_tokens=MAX_NEW_TOKENS)
+    assert [r.token_ids for r in results] == expected
+
+
 def test_prefill_logits_match_transformers(variant, pipelines):
     """The first generated token's logits from the bundle equal transformers' forward on the same prompt."""
     pipeline = pipelines[variant.name]
