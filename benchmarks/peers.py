@@ -620,8 +620,11 @@ def make_sides(args, prompt: dict) -> list[Side]:
     for precision in LLAVA_PRECISIONS:
         if "llava-rt" in want and precision in args.llava_precisions.split(","):
             bundle = args.workdir / "llava" / f"bundle-{precision}"
+            from llava_rt.runtime.precision import select_variants
+
             manifest = json.loads((bundle / "manifest.json").read_text())
-            decoder = manifest["graphs"]["decoder"]
+            key = select_variants(manifest, precision, "onnxruntime").variants["decoder"]  # what the worker's Pipeline runs
+            decoder = manifest["graphs"]["decoder"]["variants"][key]
             weight = files_bytes(*(bundle / decoder[k] for k in ("file", "external_data") if decoder.get(k)))
             sides.append(
                 Side(
@@ -840,9 +843,10 @@ def main() -> int:
     if args.build_only:
         return 0
 
-    from llava_rt.benchmarks.machine import measure_bandwidth
-
-    args.bandwidth = measure_bandwidth(args.threads)
+    # In a process of its own: its 1 GiB buffer would otherwise count in every worker's peak RSS (ru_maxrss
+    # survives the fork and exec that start a worker).
+    code = f"from llava_rt.benchmarks.machine import measure_bandwidth; print(measure_bandwidth({args.threads}))"
+    args.bandwidth = float(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout)
     log(f"streaming-read bandwidth with {args.threads} threads: {args.bandwidth / 1e9:.1f} GB/s")
     prompt = json.loads((args.workdir / f"prompt-{args.prompt_tokens}.json").read_text())
     sides = make_sides(args, prompt)

@@ -11,9 +11,10 @@ from .backends import Session, to_host
 from .kv_cache import KVCache, new_names
 from .sampling import SearchOptions, next_token_ids
 
-# Prompt tokens per prefill run. Measured on the OneVision-0.5B preset's int4 decoder (1000-token prompt, 2 threads):
-# runs of 256 took 575 MiB at peak against 859 MiB in one run, and less time.
-PREFILL_CHUNK = 256
+# Prompt tokens per prefill run on the CPU. The OneVision-0.5B preset's int4 decoder through the Pipeline (1000-token
+# prompt, 2 threads) peaked at 1223 MiB in one run, 992 in runs of 512, 727 of 256 and 662 of 128, prefilling in
+# 5.1, 5.0, 4.8 and 5.0 s. A GPU's memory is not that tight and it prefers one long run: there the default is 0.
+PREFILL_CHUNK = 128
 
 
 class Generator:

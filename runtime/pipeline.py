@@ -105,8 +105,8 @@ class Pipeline:
         }
         self._placeholders = re.compile("|".join(re.escape(token) for token in self._placeholder_kinds))
         self.max_length = manifest["text"]["max_position_embeddings"]
-        # prompt tokens per decoder run of a prefill (0: the whole prompt in one run); see `Generator`
-        self.prefill_chunk = PREFILL_CHUNK
+        # prompt tokens per decoder run of a prefill (0: the whole prompt in one run, the default on a GPU); see `Generator`
+        self.prefill_chunk = PREFILL_CHUNK if self.sessions["decoder"].array_module is np else 0
 
     @classmethod
     def load(
