@@ -395,7 +395,8 @@ class LlavaWorker:
         assert prepared.input_ids.tolist() == self.ids, "the bundle does not tokenize the prompt into the shared ids"
 
     def run(self) -> dict:
-        stamps: list[float] = []
+        from llava_rt.benchmarks.sides import token_stamps
+
         started = time.perf_counter()
         run = self.pipe.start(
             prompt=self.prompt,
@@ -404,12 +405,7 @@ class LlavaWorker:
             min_new_tokens=self.new_tokens,
             do_sample=False,
         )
-        previous = 0
-        for _ in run:
-            count = len(run.generator.tokens[0])
-            if count > previous:
-                stamps.append(time.perf_counter())
-                previous = count
+        stamps = token_stamps(run)
         result = run.results[0]
         return {
             "prefill_ms": run.generator.prefill_s * 1e3,  # the decoder's prompt run + first choice (the runtime's own timer)

@@ -146,6 +146,15 @@ def bundle_choices(manifest: dict[str, Any], precisions: list[str], device: str 
     return choices
 
 
+def token_stamps(run) -> list[float]:
+    """Run a one-row decoding run to its end; the `perf_counter` time at which each new token appeared."""
+    stamps: list[float] = []
+    for _ in run:
+        if len(run.generator.tokens[0]) > len(stamps):
+            stamps.append(time.perf_counter())
+    return stamps
+
+
 class BundleSide:
     """A bundle run by the llava-rt runtime (onnxruntime, `threads` intra-op threads) as `choice` says."""
 
@@ -160,7 +169,6 @@ class BundleSide:
         self.weight_bytes_per_token = self.pipeline.bundle.graph_bytes("decoder", decoder)
 
     def run(self, request: Request) -> StageTimes:
-        stamps: list[float] = []
         started = time.perf_counter()
         run = self.pipeline.start(
             prompt=request.prompt,
@@ -170,12 +178,7 @@ class BundleSide:
             min_new_tokens=request.new_tokens,
             do_sample=False,
         )
-        previous = 0
-        for _ in run:
-            tokens = len(run.generator.tokens[0])
-            if tokens > previous:
-                stamps.append(time.perf_counter())
-                previous = tokens
+        stamps = token_stamps(run)
         timings = run.results[0].timings_ms
         return StageTimes.from_stamps(timings["preprocess"], timings["vision"], (stamps[0] - started) * 1e3, stamps)
 
