@@ -24,15 +24,15 @@ class Generator:
     Positions follow transformers' `generate`: `cumsum(attention_mask) - 1` (0 on padding), then +1 per step.
     `attention_mask` covers the cached tokens and the new ones; `inputs_embeds` only the new ones. At most
     `max_new_tokens` tokens are generated, and never more than the context leaves (`max_length` minus the
-    prompt, as transformers stops). After the prefill the cache is given room for every token the run may
-    generate, so decode steps only write into it.
+    prompt, as transformers stops). Before the prefill the cache is given room for the prompt and every token the
+    run may generate, so prefill runs and decode steps only write into it.
 
     The decoder runs through a `Binding` on its device, the same loop on the CPU (numpy) and on a GPU (cupy): the
     cache buffers are bound as the past (rebound only when they grow), each step's outputs go to arrays allocated
     once after the prefill, and the new keys and values are written into the cache where it lives. Per step only
     the embeddings, mask and positions go to the device, and only the chosen token ids come back (greedy search
     takes the argmax on the device); sampling, the repetition penalty and a held-back EOS bring the last logits
-    to the host. Decode steps have fixed shapes and addresses within a run (the cache capacity is reserved after
+    to the host. Decode steps have fixed shapes and addresses within a run (the cache capacity is reserved before
     the prefill), but the prefill shares the session, so CUDA graph capture is not used.
     """
 
