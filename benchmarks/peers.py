@@ -125,6 +125,15 @@ def run_llama_bench(args) -> str:
     return "\n".join(out)
 
 
+def ensure_venv(venv: Path, module: str, install: list, env: dict | None = None) -> None:
+    """Create `venv` with a current pip and `pip install` `install` into it, unless it already imports `module`."""
+    if py(venv).exists() and subprocess.run([py(venv), "-c", f"import {module}"]).returncode == 0:
+        return
+    sh([sys.executable, "-m", "venv", venv])
+    sh([py(venv), "-m", "pip", "install", "-q", "-U", "pip"])
+    sh([py(venv), "-m", "pip", "install", *install], env=env)
+
+
 def setup(args) -> None:
     source = llama_cpp_source(args)
     if not source.is_dir():
@@ -153,23 +162,18 @@ def setup(args) -> None:
                 args.workdir / "src",
             ]
         )
-    if not py(args.llama_venv).exists() or subprocess.run([py(args.llama_venv), "-c", "import llama_cpp"]).returncode != 0:
-        sh([sys.executable, "-m", "venv", args.llama_venv])
-        sh([py(args.llama_venv), "-m", "pip", "install", "-q", "-U", "pip"])
-        # llama.cpp from the sdist's vendored source: CPU only, -march=native (AVX-512, VNNI here), OpenMP;
-        # the multimodal library (mtmd) is not needed. About 10 minutes on 2 cores.
-        sh(
-            [
-                py(args.llama_venv),
-                "-m",
-                "pip",
-                "install",
-                "-v",
-                f"--config-settings=build-dir={args.workdir / 'llama-cpp-build'}",
-                args.workdir / "src" / f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}.tar.gz",
-            ],
-            env={"CMAKE_ARGS": "-DGGML_NATIVE=ON -DLLAVA_BUILD=OFF", "CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count() or 2)},
-        )
+    # llama.cpp from the sdist's vendored source: CPU only, -march=native (AVX-512, VNNI here), OpenMP;
+    # the multimodal library (mtmd) is not needed. About 10 minutes on 2 cores.
+    ensure_venv(
+        args.llama_venv,
+        "llama_cpp",
+        [
+            "-v",
+            f"--config-settings=build-dir={args.workdir / 'llama-cpp-build'}",
+            args.workdir / "src" / f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}.tar.gz",
+        ],
+        env={"CMAKE_ARGS": "-DGGML_NATIVE=ON -DLLAVA_BUILD=OFF", "CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count() or 2)},
+    )
     if args.llama_bench and not llama_bench_binary(args).is_file():
         # llama.cpp's own llama-bench from the same vendored source (a second, static build: ~8 minutes on 2 cores)
         build_dir = args.workdir / "llama-bench-build"
@@ -191,33 +195,16 @@ def setup(args) -> None:
             ]
         )
         sh(["cmake", "--build", build_dir, "--target", "llama-bench", f"-j{os.cpu_count() or 2}"])
-    if (
-        not py(args.genai_venv).exists()
-        or subprocess.run([py(args.genai_venv), "-c", "import onnxruntime_genai"]).returncode != 0
-    ):
-        sh([sys.executable, "-m", "venv", args.genai_venv])
-        sh([py(args.genai_venv), "-m", "pip", "install", "-q", "-U", "pip"])
-        # the builder needs torch + transformers (it loads the HF checkpoint) and onnx / onnx-ir
-        sh(
-            [
-                py(args.genai_venv),
-                "-m",
-                "pip",
-                "install",
-                "-q",
-                "onnxruntime-genai",
-                "torch",
-                "transformers",
-                "onnx",
-                "onnx-ir",
-                "onnxscript",
-                "safetensors",
-            ]
-        )
+    # the builder needs torch + transformers (it loads the HF checkpoint) and onnx / onnx-ir
+    ensure_venv(
+        args.genai_venv,
+        "onnxruntime_genai",
+        ["-q", "onnxruntime-genai", "torch", "transformers", "onnx", "onnx-ir", "onnxscript", "safetensors"],
+    )
 
 
 # ------------------------------------------------------------------------------------------------------------
-# build steps (each runs in one of the venvs: `bench_decoders.py --step NAME --workdir W ...`)
+# build steps (each runs in one of the venvs: `peers.py --step NAME --workdir W ...`)
 # ------------------------------------------------------------------------------------------------------------
 
 

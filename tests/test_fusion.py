@@ -16,6 +16,7 @@ from conftest import random_image
 from llava_rt.engines.tensorrt_check import check_graphs
 from llava_rt.export.exporter import export_bundle
 from llava_rt.export.fusion import fuse_decoder
+from llava_rt.export.weight_only import weight_matmuls
 from llava_rt.runtime import Pipeline
 
 # A Llama-style layer's seven projections: Q/K/V as one MatMul, O, gate/up as one, down; lm_head after the layers.
@@ -27,9 +28,7 @@ def _op_counts(path) -> Counter:
 
 
 def _weight_matmuls(path) -> int:
-    graph = onnx.load(path, load_external_data=False).graph
-    weights = {tensor.name for tensor in graph.initializer if len(tensor.dims) == 2}
-    return sum(node.op_type == "MatMul" and node.input[1] in weights for node in graph.node)
+    return len(weight_matmuls(onnx.load(path, load_external_data=False).graph))
 
 
 def _layers(variant) -> int:
