@@ -4,7 +4,8 @@
   zero point 0, weights per output channel, activations per tensor, biases left in float, `ai.onnx` operators only.
   onnxruntime's fused CPU kernels run it poorly (int8 x int8 saturates without VNNI): judge it in fake-quant.
 - `<graph>.int8.ort.onnx`, for onnxruntime on the CPU: uint8 activations and per-channel int8 weights reduced to 7 bits
-  (`reduce_range`), which the U8S8 kernels of CPUs without VNNI need to stay accurate.
+  (`reduce_range`), which the U8S8 kernels of CPUs without VNNI need to stay accurate; its attention and GELU are then
+  fused into onnxruntime's contrib operators (`ort_fusion`).
 
 Only the inputs of MatMul, Conv and Gemm with constant weights are quantized: Q/DQ on LayerNormalization, Softmax or
 Add outputs (or on the MatMul outputs they read) destroys the features, and the attention MatMuls (activations times
@@ -31,6 +32,7 @@ from onnxruntime.quantization import MinMaxCalibrater, QDQQuantizer, QuantType
 
 from .drift import open_graph, run_graph
 from .onnx_export import EXTERNAL_DATA_THRESHOLD
+from .ort_fusion import fuse_for_onnxruntime
 
 GRAPHS = ("vision", "projector")
 QUANTIZED_OPS = ("MatMul", "Conv", "Gemm")
@@ -44,7 +46,7 @@ class Int8Form:
     activations: QuantType
     reduce_range: bool
     options: dict
-    fused: bool  # how its drift is measured: onnxruntime's fused kernels, or fake-quant
+    fused: bool  # onnxruntime's own form: run through its fused kernels (drift too) and given its fusions, or fake-quant
 
 
 # Weights symmetric; MatMul/Conv/Gemm outputs stay float (a Q/DQ there would feed the Add, LayerNorm... after them).
@@ -247,6 +249,9 @@ def quantize_vision_graphs(
         started = time.perf_counter()
         ranges = calibrate(path, inputs.feeds(graph))
         written[graph] = {name: quantize(path, ranges, form) for name, form in FORMS.items()}
+        fusions = [fuse_for_onnxruntime(written[graph][name]) for name, form in FORMS.items() if form.fused]
         seconds = time.perf_counter() - started
         log(f"  {graph}: calibrated on {len(inputs.tiles)} tiles, int8 for TensorRT and onnxruntime written in {seconds:.0f}s")
+        for counts in filter(None, fusions):
+            log(f"    onnxruntime form fused: {', '.join(f'{count} {name}' for name, count in sorted(counts.items()))}")
     return written

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections import Counter
 
 import numpy as np
 import onnx
@@ -128,6 +129,19 @@ def test_onnxruntime_form_has_uint8_activations_and_int8_weights(family):
                 weight = node.input[0] in initializers
                 expected = onnx.TensorProto.INT8 if weight else onnx.TensorProto.UINT8
                 assert initializers[node.input[2]].data_type == expected, node.name
+
+
+def test_onnxruntime_form_runs_attention_and_tanh_gelu_in_contrib_operators(family):
+    """Every attention layer of the vision tower (one Softmax each in fp32) is one MultiHeadAttention in the onnxruntime
+    form, and every tanh GELU (SigLIP's; CLIP's quick GELU onnxruntime fuses itself) one FastGelu; the export says so."""
+    reference = Counter(node.op_type for node in onnx.load(family["work"] / "vision.onnx").graph.node)
+    fused = onnx.load(family["written"]["vision"]["int8.ort"])
+    ops = Counter(node.op_type for node in fused.graph.node)
+    assert reference["Softmax"] > 0 and ops["MultiHeadAttention"] == reference["Softmax"] and ops["Softmax"] == 0
+    assert ops["FastGelu"] == reference["Tanh"] and ops["Tanh"] == 0
+    assert {o.domain for o in fused.opset_import} == {"", "com.microsoft"}
+    expected = ", ".join(f"{ops[op]} {op}" for op in ("FastGelu", "MultiHeadAttention") if ops[op])
+    assert f"    onnxruntime form fused: {expected}" in family["log"]
 
 
 @pytest.mark.parametrize("form", sorted(FORMS))
