@@ -1,0 +1,124 @@
+"""The vision side alone against transformers, at several image sizes: `python -m llava_rt.benchmarks.vision`.
+
+    python -m llava_rt.benchmarks.vision --preset llava-onevision-qwen2-0.5b-ov --image-sizes 384,768 --precision fp32,int8
+
+One square synthetic image per size; its tiles follow from the size and the checkpoint's grid (the OneVision preset:
+384 px gives 2 tiles, 768 px 5; the LLaVA-NeXT presets' CLIP-L at 336 px: 336 px gives 3, 672 px 5). Each side turns
+it into image features: transformers' `get_image_features` (tower + projector; fp32 eager, `--threads` torch
+threads) on its processor's pixels, and per precision and form (the sides llava-bench runs) the bundle's vision
+graphs (tower + projector, then packing) on the runtime's pixels; preprocessing is outside the timing on both
+sides. Every side stays loaded in one process and they run round by round, the order alternating (`--repeats`,
+after one warm-up run each); medians with their spread, and each side's ratio to transformers. The checkpoint and
+bundle come from llava-bench's cache (`--workdir`), built when missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from ..runtime.console import add_standard_options, run_command, say
+from ..runtime.manifest_schema import PRECISIONS
+from .cli import DEFAULT_WORKDIR, BenchError, _bundle, _checkpoint
+from .presets import PRESETS
+from .sides import BundleSide, TransformersSide, bundle_choices, synthetic_image
+
+
+def transformers_run(side: TransformersSide, image) -> tuple[Callable[[], object], int]:
+    """A call computing the image's features with transformers, and its number of tiles."""
+    inputs = side.processor.image_processor(images=[image], return_tensors="pt")
+
+    def run() -> None:
+        with side.torch.inference_mode():
+            side.model.model.get_image_features(pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"])
+
+    return run, int(inputs["pixel_values"].shape[1])
+
+
+def bundle_run(side: BundleSide, image) -> tuple[Callable[[], object], int]:
+    """A call computing the image's features with the bundle's vision graphs, and its number of tiles."""
+    pipeline = side.pipeline
+    (media,) = pipeline.prepare(prompt=pipeline.tokens["image_token"], images=[image], apply_chat_template=False).media
+    return lambda: pipeline.features([media]), len(media.pixels)
+
+
+def measure(sides: dict, image, repeats: int) -> dict:
+    """Each side's seconds per run (warm-up first, then `repeats` rounds, alternating order) and the tiles it ran."""
+    runs = {name: (transformers_run if name == "transformers" else bundle_run)(side, image) for name, side in sides.items()}
+    seconds: dict[str, list[float]] = {name: [] for name in runs}
+    for run, _ in runs.values():
+        run()
+    order = list(runs)
+    for repeat in range(repeats):
+        for name in order if repeat % 2 == 0 else order[::-1]:
+            started = time.perf_counter()
+            runs[name][0]()
+            seconds[name].append(time.perf_counter() - started)
+    return {name: {"tiles": runs[name][1], "seconds": seconds[name]} for name in runs}
+
+
+def report(results: list[dict]) -> str:
+    """A Markdown table: per image size, each side's median ms (± half the spread) and its ratio to transformers."""
+    names = list(results[0]["sides"])
+    lines = ["| image | tiles | " + " | ".join(names) + " |", "|---|---:|" + "---:|" * len(names)]
+    for result in results:
+        sides = result["sides"]
+        reference = np.median(sides["transformers"]["seconds"])
+        cells = []
+        for name in names:
+            values = np.array(sides[name]["seconds"]) * 1e3
+            cell = f"{np.median(values):.0f} ±{(values.max() - values.min()) / 2:.0f}"
+            cells.append(cell if name == "transformers" else f"{cell} ({np.median(values) / 1e3 / reference:.2f}x)")
+        tiles = sides[names[-1]]["tiles"]
+        lines.append(f"| {result['image_size']} px | {tiles} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llava-bench-vision", description=__doc__.split("\n\n")[0])
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="a LLaVA-NeXT / OneVision / NeXT-Video checkpoint directory")
+    source.add_argument("--preset", choices=sorted(PRESETS), help="a real architecture with random weights")
+    parser.add_argument("--layers", type=int, help="decoder depth of the preset (the vision tower keeps its own)")
+    parser.add_argument("--precision", default="fp32,int8", help=f"comma-separated precisions ({', '.join(PRECISIONS)})")
+    parser.add_argument("--image-sizes", default="384,768", help="sides of the square test images (default 384,768)")
+    parser.add_argument("--threads", type=int, default=2, help="threads for both sides (default 2)")
+    parser.add_argument("--repeats", type=int, default=3, help="measured rounds (default 3)")
+    parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR, help="llava-bench's cache of checkpoints and bundles")
+    parser.add_argument("--json", type=Path, help="write every figure here")
+    return add_standard_options(parser)
+
+
+def _bench(args) -> int:
+    precisions = [p for p in PRECISIONS if p in args.precision.split(",")]
+    if not precisions or set(args.precision.split(",")) - set(PRECISIONS):
+        raise BenchError(f"--precision takes a comma-separated list of {', '.join(PRECISIONS)}, got {args.precision}")
+    sizes = [int(size) for size in args.image_sizes.split(",") if size.strip().isdigit() and int(size) > 0]
+    if not sizes or len(sizes) != len(args.image_sizes.split(",")) or args.repeats < 1:
+        raise BenchError("--image-sizes takes positive integers (e.g. 384,768) and --repeats at least 1")
+    checkpoint, root, label = _checkpoint(args)
+    bundle, manifest = _bundle(checkpoint, root, precisions)
+    sides = {"transformers": TransformersSide(checkpoint, args.threads)}
+    for choice in bundle_choices(manifest, precisions):
+        sides[choice.name] = BundleSide(bundle, args.threads, choice)
+    results = []
+    for size in sizes:
+        say(f"{label}: {size} px image")
+        results.append({"image_size": size, "sides": measure(sides, synthetic_image(size), args.repeats)})
+    print(report(results))
+    if args.json:
+        args.json.write_text(json.dumps({"checkpoint": label, "threads": args.threads, "results": results}, indent=2))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(_parser(), _bench, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
