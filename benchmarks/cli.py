@@ -207,10 +207,7 @@ def _gpu_name() -> str:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llava-bench", description=__doc__.split("\n\n")[0])
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", help="a LLaVA-NeXT / OneVision / NeXT-Video checkpoint directory")
-    source.add_argument("--preset", choices=sorted(PRESETS), help="a real architecture with random weights")
-    parser.add_argument("--layers", type=int, help="decoder depth of the preset (default: the real one)")
+    add_checkpoint_options(parser)
     parser.add_argument("--precision", default="fp32", help=f"comma-separated precisions ({', '.join(PRECISIONS)})")
     parser.add_argument("--image-size", type=int, default=384, help="side of the square test image (default 384)")
     parser.add_argument("--prompt-tokens", type=int, default=512, help="text tokens in the prompt (default 512)")
@@ -219,7 +216,6 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", choices=DEVICES, default="cpu", help="where both sides run (default cpu)")
     parser.add_argument("--repeats", type=int, default=3, help="measured runs per side (default 3)")
     parser.add_argument("--warmup", type=int, default=1, help="unmeasured runs after each load of a side (default 1)")
-    parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR, help="cache of checkpoints and bundles")
     parser.add_argument("--json", type=Path, help="write every figure and ratio here")
     parser.add_argument("--chart", type=Path, help="write a PNG chart of the ratios here")
     parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory processes")
@@ -227,15 +223,34 @@ def _parser() -> argparse.ArgumentParser:
     return add_standard_options(parser)
 
 
-def _validate(args) -> None:
-    asked = [p.strip() for p in args.precision.split(",") if p.strip()]
+def add_checkpoint_options(parser: argparse.ArgumentParser) -> None:
+    """What to benchmark (`--checkpoint` or `--preset`, `--layers`) and where its bundles are cached (`--workdir`)."""
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="a LLaVA-NeXT / OneVision / NeXT-Video checkpoint directory")
+    source.add_argument("--preset", choices=sorted(PRESETS), help="a real architecture with random weights")
+    parser.add_argument("--layers", type=int, help="decoder depth of the preset (default: the real one)")
+    parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR, help="cache of checkpoints and bundles")
+
+
+def check_checkpoint_options(args) -> None:
+    """`BenchError` for a `--layers` that is not positive or comes with `--checkpoint`."""
+    if args.layers is not None and (args.checkpoint is not None or args.layers < 1):
+        raise BenchError("--layers takes a positive depth and only applies to --preset")
+
+
+def parse_precisions(text: str) -> list[str]:
+    """`--precision`'s comma-separated list, in the runtime's order; `BenchError` on an unknown or empty one."""
+    asked = [p.strip() for p in text.split(",") if p.strip()]
     unknown = [p for p in asked if p not in PRECISIONS]
     if unknown or not asked:
         given = ",".join(unknown) or "none"
         raise BenchError(f"--precision takes a comma-separated list of {', '.join(PRECISIONS)}, got {given}")
-    args.precision = [p for p in PRECISIONS if p in asked]
-    if args.layers is not None and (args.checkpoint is not None or args.layers < 1):
-        raise BenchError("--layers takes a positive depth and only applies to --preset")
+    return [p for p in PRECISIONS if p in asked]
+
+
+def _validate(args) -> None:
+    args.precision = parse_precisions(args.precision)
+    check_checkpoint_options(args)
     for name in ("image_size", "prompt_tokens", "new_tokens", "threads", "repeats"):
         if getattr(args, name) < 1:
             raise BenchError(f"--{name.replace('_', '-')} must be at least 1")

@@ -24,8 +24,7 @@ import numpy as np
 
 from ..runtime.console import add_standard_options, run_command, say
 from ..runtime.manifest_schema import PRECISIONS
-from .cli import DEFAULT_WORKDIR, BenchError, _bundle, _checkpoint
-from .presets import PRESETS
+from .cli import BenchError, _bundle, _checkpoint, add_checkpoint_options, check_checkpoint_options, parse_precisions
 from .sides import BundleSide, TransformersSide, bundle_choices, synthetic_image
 
 
@@ -81,26 +80,23 @@ def report(results: list[dict]) -> str:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llava-bench-vision", description=__doc__.split("\n\n")[0])
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", help="a LLaVA-NeXT / OneVision / NeXT-Video checkpoint directory")
-    source.add_argument("--preset", choices=sorted(PRESETS), help="a real architecture with random weights")
-    parser.add_argument("--layers", type=int, help="decoder depth of the preset (the vision tower keeps its own)")
+    add_checkpoint_options(parser)  # the vision tower keeps its depth whatever --layers says
     parser.add_argument("--precision", default="fp32,int8", help=f"comma-separated precisions ({', '.join(PRECISIONS)})")
     parser.add_argument("--image-sizes", default="384,768", help="sides of the square test images (default 384,768)")
     parser.add_argument("--threads", type=int, default=2, help="threads for both sides (default 2)")
     parser.add_argument("--repeats", type=int, default=3, help="measured rounds (default 3)")
-    parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR, help="llava-bench's cache of checkpoints and bundles")
     parser.add_argument("--json", type=Path, help="write every figure here")
     return add_standard_options(parser)
 
 
 def _bench(args) -> int:
-    precisions = [p for p in PRECISIONS if p in args.precision.split(",")]
-    if not precisions or set(args.precision.split(",")) - set(PRECISIONS):
-        raise BenchError(f"--precision takes a comma-separated list of {', '.join(PRECISIONS)}, got {args.precision}")
+    check_checkpoint_options(args)
+    precisions = parse_precisions(args.precision)
     sizes = [int(size) for size in args.image_sizes.split(",") if size.strip().isdigit() and int(size) > 0]
-    if not sizes or len(sizes) != len(args.image_sizes.split(",")) or args.repeats < 1:
-        raise BenchError("--image-sizes takes positive integers (e.g. 384,768) and --repeats at least 1")
+    if not sizes or len(sizes) != len(args.image_sizes.split(",")):
+        raise BenchError(f"--image-sizes takes comma-separated positive integers (e.g. 384,768), got {args.image_sizes}")
+    if args.repeats < 1 or args.threads < 1:
+        raise BenchError("--repeats and --threads must be at least 1")
     checkpoint, root, label = _checkpoint(args)
     bundle, manifest = _bundle(checkpoint, root, precisions)
     sides = {"transformers": TransformersSide(checkpoint, args.threads)}

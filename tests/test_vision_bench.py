@@ -32,4 +32,6 @@ def test_bad_arguments_give_one_line_errors(tmp_path):
     result = run("llava_rt.benchmarks.vision", "--checkpoint", str(tmp_path), "--precision", "int3")
     assert_one_line_error(result, "llava-bench-vision", "--precision takes a comma-separated list")
     result = run("llava_rt.benchmarks.vision", "--checkpoint", str(tmp_path), "--image-sizes", "384,big")
-    assert_one_line_error(result, "llava-bench-vision", "--image-sizes takes positive integers")
+    assert_one_line_error(result, "llava-bench-vision", "--image-sizes takes comma-separated positive integers")
+    result = run("llava_rt.benchmarks.vision", "--checkpoint", str(tmp_path), "--layers", "2")
+    assert_one_line_error(result, "llava-bench-vision", "--layers takes a positive depth and only applies to --preset")
