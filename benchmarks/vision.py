@@ -7,17 +7,19 @@ One square synthetic image per size; its tiles follow from the size and the chec
 it into image features: transformers' `get_image_features` (tower + projector; fp32 eager, `--threads` torch
 threads) on its processor's pixels, and per precision and form (the sides llava-bench runs) the bundle's vision
 graphs (tower + projector, then packing) on the runtime's pixels; preprocessing is outside the timing on both
-sides. Every side stays loaded in one process and they run round by round, the order alternating (`--repeats`,
-after one warm-up run each); medians with their spread, and each side's ratio to transformers. The checkpoint and
+sides. The sides run one after the other, each alone in memory (a warm-up run, then `--repeats` timed runs per
+image); medians with their spread, and each side's ratio to transformers. The checkpoint and
 bundle come from llava-bench's cache (`--workdir`), built when missing.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -46,19 +48,25 @@ def bundle_run(side: BundleSide, image) -> tuple[Callable[[], object], int]:
     return lambda: pipeline.features([media]), len(media.pixels)
 
 
-def measure(sides: dict, image, repeats: int) -> dict:
-    """Each side's seconds per run (warm-up first, then `repeats` rounds, alternating order) and the tiles it ran."""
-    runs = {name: (transformers_run if name == "transformers" else bundle_run)(side, image) for name, side in sides.items()}
-    seconds: dict[str, list[float]] = {name: [] for name in runs}
-    for run, _ in runs.values():
-        run()
-    order = list(runs)
-    for repeat in range(repeats):
-        for name in order if repeat % 2 == 0 else order[::-1]:
-            started = time.perf_counter()
-            runs[name][0]()
-            seconds[name].append(time.perf_counter() - started)
-    return {name: {"tiles": runs[name][1], "seconds": seconds[name]} for name in runs}
+def measure(sides: dict[str, Callable[[], object]], images: dict[int, object], repeats: int) -> list[dict]:
+    """Each side alone in memory, one after the other: built by its factory in `sides`, then per image a warm-up run
+    and `repeats` timed ones, then freed (onnxruntime's intra-op threads spin between runs: a side loaded beside
+    another slows it). Per image size: each side's seconds per run and the tiles it ran."""
+    results = [{"image_size": size, "sides": {}} for size in images]
+    for name, build in sides.items():
+        side = build()
+        for result, image in zip(results, images.values()):
+            run, tiles = (transformers_run if name == "transformers" else bundle_run)(side, image)
+            run()
+            seconds = []
+            for _ in range(repeats):
+                started = time.perf_counter()
+                run()
+                seconds.append(time.perf_counter() - started)
+            result["sides"][name] = {"tiles": tiles, "seconds": seconds}
+        del side, run
+        gc.collect()
+    return results
 
 
 def report(results: list[dict]) -> str:
@@ -99,13 +107,11 @@ def _bench(args) -> int:
         raise BenchError("--repeats and --threads must be at least 1")
     checkpoint, root, label = _checkpoint(args)
     bundle, manifest = _bundle(checkpoint, root, precisions)
-    sides = {"transformers": TransformersSide(checkpoint, args.threads)}
+    say(f"{label}: images of {args.image_sizes} px, each side alone in turn")
+    sides = {"transformers": partial(TransformersSide, checkpoint, args.threads)}
     for choice in bundle_choices(manifest, precisions):
-        sides[choice.name] = BundleSide(bundle, args.threads, choice)
-    results = []
-    for size in sizes:
-        say(f"{label}: {size} px image")
-        results.append({"image_size": size, "sides": measure(sides, synthetic_image(size), args.repeats)})
+        sides[choice.name] = partial(BundleSide, bundle, args.threads, choice)
+    results = measure(sides, {size: synthetic_image(size) for size in sizes}, args.repeats)
     print(report(results))
     if args.json:
         args.json.write_text(json.dumps({"checkpoint": label, "threads": args.threads, "results": results}, indent=2))
