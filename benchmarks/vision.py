@@ -49,9 +49,9 @@ def bundle_run(side: BundleSide, image) -> tuple[Callable[[], object], int]:
 
 
 def measure(sides: dict[str, Callable[[], object]], images: dict[int, object], repeats: int) -> list[dict]:
-    """Each side alone in memory, one after the other: built by its factory in `sides`, then per image a warm-up run
-    and `repeats` timed ones, then freed (onnxruntime's intra-op threads spin between runs: a side loaded beside
-    another slows it). Per image size: each side's seconds per run and the tiles it ran."""
+    """Each side alone in memory, one after the other (no side's weights or threads stay resident during another's
+    runs): built by its factory in `sides`, then per image a warm-up run and `repeats` timed ones, then freed. Per
+    image size: each side's seconds per run and the tiles it ran."""
     results = [{"image_size": size, "sides": {}} for size in images]
     for name, build in sides.items():
         side = build()
@@ -92,7 +92,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--precision", default="fp32,int8", help=f"comma-separated precisions ({', '.join(PRECISIONS)})")
     parser.add_argument("--image-sizes", default="384,768", help="sides of the square test images (default 384,768)")
     parser.add_argument("--threads", type=int, default=2, help="threads for both sides (default 2)")
-    parser.add_argument("--repeats", type=int, default=3, help="measured rounds (default 3)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per side and image (default 3)")
     parser.add_argument("--json", type=Path, help="write every figure here")
     return add_standard_options(parser)
 
