@@ -597,14 +597,14 @@ def files_bytes(*paths: Path) -> int:
 
 
 def make_sides(args, prompt: dict) -> list[Side]:
+    from llava_rt.runtime.precision import select_variants
+
     want = set(args.sides.split(","))
     common = {"ids": prompt["ids"], "new_tokens": args.new_tokens, "threads": args.threads, "workdir": str(args.workdir)}
     sides: list[Side] = []
     for precision in LLAVA_PRECISIONS:
         if "llava-rt" in want and precision in args.llava_precisions.split(","):
             bundle = args.workdir / "llava" / f"bundle-{precision}"
-            from llava_rt.runtime.precision import select_variants
-
             manifest = json.loads((bundle / "manifest.json").read_text())
             key = select_variants(manifest, precision, "onnxruntime").variants["decoder"]  # what the worker's Pipeline runs
             decoder = manifest["graphs"]["decoder"]["variants"][key]

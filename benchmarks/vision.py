@@ -33,12 +33,7 @@ from .sides import BundleSide, TransformersSide, bundle_choices, synthetic_image
 def transformers_run(side: TransformersSide, image) -> tuple[Callable[[], object], int]:
     """A call computing the image's features with transformers, and its number of tiles."""
     inputs = side.processor.image_processor(images=[image], return_tensors="pt")
-
-    def run() -> None:
-        with side.torch.inference_mode():
-            side.model.model.get_image_features(pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"])
-
-    return run, int(inputs["pixel_values"].shape[1])
+    return partial(side.image_features, inputs), int(inputs["pixel_values"].shape[1])
 
 
 def bundle_run(side: BundleSide, image) -> tuple[Callable[[], object], int]:
