@@ -85,15 +85,28 @@ class Generator:
         return "stop" if self.finished[row] else "length"
 
     def _cache_feeds(self, mask: np.ndarray) -> dict[str, np.ndarray]:
-        """The past and the attention mask of a run feeding the tokens of `mask` after the cached ones."""
+        """The past and the attention mask of a run feeding the tokens of `mask` after the cached ones (an in-place
+        decoder's cache inputs are made by `_run`)."""
+        if self.cache.in_place:
+            return {}
         cached = self.cache.length
         return self.cache.feeds(mask[:, :cached], mask[:, cached:])
 
-    def _run(self, feeds: dict) -> dict:
+    def _run(self, feeds: dict, rows: slice = slice(None)) -> dict:
+        """One decoder run over the batch rows `rows` (all but for a row-by-row prefill); the cache records it."""
+        count = feeds["inputs_embeds"].shape[1]
+        if self.cache.in_place:
+            inputs, presents = self.cache.in_place_run(rows, count)
+            feeds = {**feeds, **inputs}
+            for name, value in presents.items():
+                self.binding.output(name, value)
         for name, value in feeds.items():
             self.binding.input(name, value)
         outputs = self.binding.run()
-        self.cache.append({name: outputs[name] for name in new_names(self.cache.spec)})
+        if self.cache.in_place:
+            self.cache.advance(rows, count)
+        else:
+            self.cache.append({name: outputs[name] for name in new_names(self.cache.spec)})
         return outputs
 
     def _prefill(self) -> dict:
@@ -101,23 +114,46 @@ class Generator:
         the whole run; returns the last run's outputs. Shorter runs bound the prefill's activations (the attention
         scores grow with the square of the run's length) and keep its working set small."""
         count = self.prompt_embeds.shape[1]
-        start = self.attention_mask.shape[1] - count  # the cached tokens' mask comes first
         self.cache.reserve(self.attention_mask.shape[1] + self.max_new_tokens)
+        prompt_mask = self.attention_mask[:, self.attention_mask.shape[1] - count :]
+        if self.cache.in_place and len(prompt_mask) > 1 and not prompt_mask.all():
+            return self._prefill_rows(prompt_mask.astype(bool))
+        return self._prefill_rows_of(slice(None), self.prompt_embeds, self.positions)
+
+    def _prefill_rows(self, prompt_mask: np.ndarray) -> dict:
+        """An in-place decoder's prefill of a left-padded batch: each row alone, without its padding (a row's cache
+        holds no padding); the logits of each row's last run are gathered."""
+        logits = []
+        for row, real in enumerate(prompt_mask):
+            rows = slice(row, row + 1)
+            embeds, positions = self.prompt_embeds[rows][:, real], self.positions[rows][:, real]
+            logits.append(self._prefill_rows_of(rows, embeds, positions)["logits"])
+        return {"logits": self.xp.concatenate(logits)}
+
+    def _prefill_rows_of(self, rows: slice, embeds: np.ndarray, positions: np.ndarray) -> dict:
+        """Feed `embeds` at `positions` to the batch rows `rows` in runs of at most `prefill_chunk` tokens; returns
+        the last run's outputs."""
+        count = embeds.shape[1]
+        start = self.attention_mask.shape[1] - count  # the cached tokens' mask comes first
         chunk = self.prefill_chunk or count
         for begin in range(0, count, chunk):
             end = min(begin + chunk, count)
             for name in self.output_names:  # allocated by the backend for each prefill run; the steps' once, after it
-                self.binding.output(name)
+                if name == "logits" or not self.cache.in_place:
+                    self.binding.output(name)
             mask = self.attention_mask[:, : start + end]
-            feeds = {"inputs_embeds": self.prompt_embeds[:, begin:end], "position_ids": self.positions[:, begin:end]}
-            outputs = self._run({**feeds, **self._cache_feeds(mask)})
+            feeds = {"inputs_embeds": embeds[:, begin:end], "position_ids": positions[:, begin:end]}
+            outputs = self._run({**feeds, **self._cache_feeds(mask)}, rows)
         return outputs
 
     def _allocate_step_outputs(self, prefill: dict) -> None:
-        """Bind each decode step's outputs (last-token logits, one token's keys and values) to arrays of their own."""
+        """Bind each decode step's outputs (last-token logits, one token's keys and values) to arrays of their own
+        (an in-place decoder's keys and values go to the cache, bound by `_run`)."""
         for name, value in prefill.items():
-            shape = value.shape if name == "logits" else (*value.shape[:2], 1, *value.shape[3:])
-            self.binding.output(name, self.xp.empty(shape, dtype=value.dtype))
+            if name == "logits":
+                self.binding.output(name, self.xp.empty(value.shape, dtype=value.dtype))
+            elif not self.cache.in_place:
+                self.binding.output(name, self.xp.empty((*value.shape[:2], 1, *value.shape[3:]), dtype=value.dtype))
 
     def _choose(self, logits) -> np.ndarray:
         """Each row's next token (`[B]`) from the last-token logits, on the host."""

@@ -24,6 +24,32 @@ def new_names(spec: dict[str, int]) -> list[str]:
     return [f"new_key_values.{i}.{kv}" for i in range(spec["num_layers"]) for kv in ("key", "value")]
 
 
+# A decoder that writes its cache in place (onnxruntime's GroupQueryAttention, `export/group_query_attention.py`) takes
+# these instead of `attention_mask`, and its `present.*` outputs are bound to the buffers fed as `past_key_values.*`.
+IN_PLACE_INPUTS = ("seqlens_k", "total_sequence_length", "query_seqlens")
+
+
+def present_names(spec: dict[str, int]) -> list[str]:
+    """An in-place decoder's outputs bound to the cache buffers, in the same order as `past_names`."""
+    return [f"present.{i}.{kv}" for i in range(spec["num_layers"]) for kv in ("key", "value")]
+
+
+def writes_in_place(input_names: list[str]) -> bool:
+    """Whether a decoder with these inputs writes the new keys and values into the cache itself."""
+    return IN_PLACE_INPUTS[0] in input_names
+
+
+def in_place_feeds(lengths: np.ndarray, fed: np.ndarray) -> dict[str, np.ndarray]:
+    """An in-place decoder's cache inputs for rows holding `lengths` tokens before a run that feeds `fed` tokens to
+    each (0: a row left as it is, which is then told it holds one token, so that it costs nothing)."""
+    after = np.where(fed > 0, lengths + fed, 1)
+    return {
+        "seqlens_k": (after - 1).astype(np.int32),
+        "total_sequence_length": np.array(after.max(), dtype=np.int32),
+        "query_seqlens": fed.astype(np.int32),
+    }
+
+
 class KVCache:
     """Keys and values of the tokens fed so far, per layer, in buffers `[B, kv_heads, capacity, head_dim]`.
 
@@ -32,10 +58,16 @@ class KVCache:
     one token's worth, never the cache. When a run outgrows the capacity, it doubles (an amortised copy).
     `spec` is the manifest's `graphs.decoder.kv_cache` entry. The buffers are arrays of `array_module`: numpy on
     the host, or the decoder session's device arrays (cupy), where every write is a strided copy on the device.
+
+    With `in_place` (a decoder that writes the cache itself, see `IN_PLACE_INPUTS`) each row holds its own tokens from
+    slot 0, `lengths[row]` of them (`length` is the longest), and a run is fed `in_place_run` instead of `feeds`.
     """
 
-    def __init__(self, spec: dict[str, int], batch: int, dtype, capacity: int = 0, array_module: ModuleType = np):
-        self.spec, self.length, self.array_module = spec, 0, array_module
+    def __init__(
+        self, spec: dict[str, int], batch: int, dtype, capacity: int = 0, array_module: ModuleType = np, in_place: bool = False
+    ):
+        self.spec, self.length, self.array_module, self.in_place = spec, 0, array_module, in_place
+        self.lengths = np.zeros(batch, dtype=np.int64)
         shape = (batch, spec["num_kv_heads"], capacity, spec["head_dim"])
         self.buffers = {name: array_module.zeros(shape, dtype=dtype) for name in past_names(spec)}
 
@@ -64,6 +96,20 @@ class KVCache:
     def truncate(self, length: int) -> None:
         """Forget every token after the first `length` (their slots are overwritten by the next ones)."""
         self.length = min(length, self.length)
+        np.minimum(self.lengths, length, out=self.lengths)
+
+    def in_place_run(self, rows: slice, count: int) -> tuple[dict, dict]:
+        """For an in-place decoder fed `count` tokens per row of `rows` after their cached ones: the cache inputs, and
+        the outputs to bind (each `present.*` to the buffer fed as its past). `advance` records the run afterwards."""
+        views = self.buffers if rows == slice(None) else {name: buffer[rows] for name, buffer in self.buffers.items()}
+        lengths = self.lengths[rows]
+        inputs = {**in_place_feeds(lengths, np.full(len(lengths), count)), **views}
+        return inputs, dict(zip(present_names(self.spec), views.values()))
+
+    def advance(self, rows: slice, count: int) -> None:
+        """Record that an in-place run wrote `count` tokens to each row of `rows`."""
+        self.lengths[rows] += count
+        self.length = int(self.lengths.max())
 
     def feeds(self, token_mask: np.ndarray, new_mask: np.ndarray) -> dict:
         """The past inputs and the `attention_mask` (a host array) of one decoder run.
@@ -91,11 +137,14 @@ class SlotKVCache:
     media's content, so two rows hold the same keys and values exactly where their `tokens` agree (the same ids and
     the same media at the same positions give the same keys and values). A row keeps its contents after its request
     ends, for a later request with the same prefix (`prefix_lengths`, `copy_prefix`). The capacity follows the longest
-    row (`fit`): the graph attends over the whole capacity, masked, so it is kept near what the rows use.
+    row (`fit`): the graph attends over the whole capacity, masked, so it is kept near what the rows use. With
+    `in_place` the decoder writes the new keys and values into the rows itself (see `IN_PLACE_INPUTS`).
     """
 
-    def __init__(self, spec: dict[str, int], slots: int, dtype, max_capacity: int, array_module: ModuleType = np):
-        self.spec, self.max_capacity, self.array_module = spec, max_capacity, array_module
+    def __init__(
+        self, spec: dict[str, int], slots: int, dtype, max_capacity: int, array_module: ModuleType = np, in_place: bool = False
+    ):
+        self.spec, self.max_capacity, self.array_module, self.in_place = spec, max_capacity, array_module, in_place
         self.shape, self.dtype = (slots, spec["num_kv_heads"], 0, spec["head_dim"]), dtype
         self.buffers = {name: array_module.zeros(self.shape, dtype=dtype) for name in past_names(spec)}
         self.lengths = np.zeros(slots, dtype=np.int64)
@@ -139,21 +188,37 @@ class SlotKVCache:
         self.lengths[target] = length
         self.tokens[target] = self.tokens[source][:length].copy()
 
-    def feeds(self, rows: range, attending: list[int], new_tokens: int) -> dict:
-        """The past inputs and `attention_mask` of one decoder run over the consecutive slots `rows`, feeding
-        `new_tokens` tokens each: slots in `attending` attend to their cached tokens, the others only to their new
-        ones (their outputs are not kept)."""
+    def feeds(self, rows: range, attending: list[int], new_tokens: int) -> tuple[dict, dict]:
+        """The cache inputs of one decoder run over the consecutive slots `rows`, feeding `new_tokens` tokens each,
+        and the outputs to bind (in place: each `present.*` to its past's rows; else none). Slots in `attending` attend
+        to their cached tokens and keep the new ones; the others' outputs are not kept (in place: they are left as
+        they are; else they attend only to their new tokens)."""
+        window = slice(rows.start, rows.stop)
+        views = {name: buffer[window] for name, buffer in self.buffers.items()}
+        if self.in_place:
+            fed = np.zeros(len(rows), dtype=np.int64)
+            fed[[slot - rows.start for slot in attending]] = new_tokens
+            inputs = {**in_place_feeds(self.lengths[window], fed), **views}
+            return inputs, dict(zip(present_names(self.spec), views.values()))
         mask = np.zeros((len(rows), self.capacity + new_tokens), dtype=np.int64)
         for slot in attending:
             mask[slot - rows.start, : self.lengths[slot]] = 1
         mask[:, self.capacity :] = 1
-        window = slice(rows.start, rows.stop)
-        return {"attention_mask": mask, **{name: buffer[window] for name, buffer in self.buffers.items()}}
+        return {"attention_mask": mask, **views}, {}
 
     def write(self, slots: list[int], rows: list[int], new: dict, tokens: np.ndarray) -> None:
         """Append the decoder's `new_key_values.*` of batch row `rows[i]` to slot `slots[i]`; `tokens` (`[len(slots),
-        count]`) says what they are. One token per slot is written by one indexed copy per buffer."""
+        count]`) says what they are. One token per slot is written by one indexed copy per buffer. In place, the
+        decoder wrote them already: only what the slots hold is recorded."""
         count = tokens.shape[1]
+        if not self.in_place:
+            self._copy_new(slots, rows, new, count)
+        for slot, written in zip(slots, tokens):
+            self.tokens[slot] = np.concatenate([self.tokens[slot], written])
+        self.lengths[slots] += count
+
+    def _copy_new(self, slots: list[int], rows: list[int], new: dict, count: int) -> None:
+        """Copy `count` new tokens' keys and values of batch row `rows[i]` after the tokens of slot `slots[i]`."""
         if count == 1:
             xp = self.array_module
             targets, sources, positions = xp.asarray(slots), xp.asarray(rows), xp.asarray(self.lengths[slots])
@@ -164,6 +229,3 @@ class SlotKVCache:
                 start = self.lengths[slot]
                 for past_name, new_name in zip(self.buffers, new_names(self.spec)):
                     self.buffers[past_name][slot, :, start : start + count] = new[new_name][row]
-        for slot, written in zip(slots, tokens):
-            self.tokens[slot] = np.concatenate([self.tokens[slot], written])
-        self.lengths[slots] += count

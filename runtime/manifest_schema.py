@@ -11,7 +11,7 @@ import jsonschema
 
 from .engine_plans import HARDWARE_COMPAT, plan_key
 from .errors import BundleError
-from .kv_cache import new_names, past_names
+from .kv_cache import IN_PLACE_INPUTS, new_names, past_names, present_names, writes_in_place
 
 TENSOR_DTYPES = ["float16", "float32", "float64", "bool", *(f"{k}{b}" for k in ("int", "uint") for b in (8, 16, 32, 64))]
 FLOAT_DTYPES = ["float16", "float32", "float64"]
@@ -304,18 +304,24 @@ def _graph_contract(manifest: dict[str, Any]) -> dict[str, tuple[dict[str, tuple
     kv = manifest["graphs"]["decoder"]["kv_cache"]
     features = {"image_features": (FLOAT_DTYPES, None)}
     kv_dims = (None, kv["num_kv_heads"], None, kv["head_dim"])
+    decoder_inputs = {
+        "inputs_embeds": (FLOAT_DTYPES, (None, None, hidden)),
+        "position_ids": (["int64"], (None, None)),
+        **{name: (FLOAT_DTYPES, kv_dims) for name in past_names(kv)},
+    }
+    logits = {"logits": (FLOAT_DTYPES, (None, vocab))}
     return {
         "vision": ({"pixel_values": (FLOAT_DTYPES, None)}, features),
         "projector": (features, {"image_embeds": (FLOAT_DTYPES, (None, None, hidden))}),
         "video_pool": (features, {"pooled_features": (FLOAT_DTYPES, None)}),
         "decoder": (
-            {
-                "inputs_embeds": (FLOAT_DTYPES, (None, None, hidden)),
-                "attention_mask": (["int64"], (None, None)),
-                "position_ids": (["int64"], (None, None)),
-                **{name: (FLOAT_DTYPES, kv_dims) for name in past_names(kv)},
-            },
-            {"logits": (FLOAT_DTYPES, (None, vocab)), **{name: (FLOAT_DTYPES, kv_dims) for name in new_names(kv)}},
+            {**decoder_inputs, "attention_mask": (["int64"], (None, None))},
+            {**logits, **{name: (FLOAT_DTYPES, kv_dims) for name in new_names(kv)}},
+        ),
+        # an onnxruntime copy writing the cache in place (`kv_cache.IN_PLACE_INPUTS`)
+        "decoder in place": (
+            {**decoder_inputs, **{name: (["int32"], dims) for name, dims in zip(IN_PLACE_INPUTS, ((None,), (), (None,)))}},
+            {**logits, **{name: (FLOAT_DTYPES, kv_dims) for name in present_names(kv)}},
         ),
     }
 
@@ -346,7 +352,7 @@ def _check_tensors(where: str, declared: list[dict[str, Any]], expected: dict[st
 def _check_kv_dtypes(where: str, entry: dict[str, Any], kv: dict[str, int]) -> None:
     """The runtime writes each step's new keys and values into the buffers it feeds back as the past: one dtype."""
     dtypes = {tensor["name"]: tensor["dtype"] for tensor in [*entry["inputs"], *entry["outputs"]]}
-    kinds = {dtypes[name] for name in [*past_names(kv), *new_names(kv)] if name in dtypes}
+    kinds = {dtypes[name] for name in [*past_names(kv), *new_names(kv), *present_names(kv)] if name in dtypes}
     if len(kinds) > 1:
         raise _invalid(where, f"the KV cache inputs and outputs mix {' and '.join(sorted(kinds))}")
 
@@ -399,7 +405,8 @@ def check_manifest(manifest: Any) -> None:
         expected_key = variant_key(entry["precision"], entry["form"])
         if key != expected_key:
             raise _invalid(where, f"a {entry['form']} {entry['precision']} variant must be keyed {expected_key!r}")
-        inputs, outputs = contract[graph]
+        in_place = graph == "decoder" and writes_in_place([tensor["name"] for tensor in entry["inputs"]])
+        inputs, outputs = contract["decoder in place" if in_place else graph]
         _check_tensors(f"{where}.inputs", entry["inputs"], inputs, exact=True)
         _check_tensors(f"{where}.outputs", entry["outputs"], outputs, exact=False)
         if graph == "decoder":

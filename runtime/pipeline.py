@@ -21,7 +21,7 @@ from .engine_plans import plans_for
 from .errors import BundleError, InputError
 from .feature_cache import FeatureCache
 from .image_processing import MAX_IMAGE_PIXELS, ImageInput
-from .kv_cache import KVCache
+from .kv_cache import KVCache, writes_in_place
 from .media import Media, MediaProcessor
 from .precision import check_precision, select_variants
 from .request import Request
@@ -379,7 +379,11 @@ class DecodingRun:
         kv_cache = pipeline.manifest["graphs"]["decoder"]["kv_cache"]
         kv_dtype = pipeline.input_dtype("decoder", "past_key_values.0.key")
         decoder = pipeline.sessions["decoder"]
-        self.reused, cache = self.reuse or (0, KVCache(kv_cache, len(self.requests), kv_dtype, array_module=decoder.array_module))
+        if self.reuse is None:
+            in_place = writes_in_place([value.name for value in decoder.inputs])
+            cache = KVCache(kv_cache, len(self.requests), kv_dtype, array_module=decoder.array_module, in_place=in_place)
+        else:
+            self.reused, cache = self.reuse
         cache.truncate(self.reused)
         self.generator = generator = Generator(
             decoder,

@@ -35,7 +35,7 @@ from .backends import to_host
 from .detokenize import TextStream
 from .errors import InputError, QueueFull, SchedulerClosed
 from .feature_cache import FeatureCache
-from .kv_cache import SlotKVCache
+from .kv_cache import SlotKVCache, writes_in_place
 from .pipeline import GenerationResult, Pipeline, PreparedRequest
 from .request import Request, check_positive_int
 from .sampling import SearchOptions, next_token_ids
@@ -192,7 +192,8 @@ class Scheduler:
         self.binding, self.xp, self.outputs = decoder.bind(), decoder.array_module, [o.name for o in decoder.outputs]
         spec = pipeline.manifest["graphs"]["decoder"]["kv_cache"]
         kv_dtype = pipeline.input_dtype("decoder", "past_key_values.0.key")
-        self.cache = SlotKVCache(spec, max_concurrency, kv_dtype, pipeline.max_length, self.xp)
+        in_place = writes_in_place([value.name for value in decoder.inputs])
+        self.cache = SlotKVCache(spec, max_concurrency, kv_dtype, pipeline.max_length, self.xp, in_place)
         self.slots = [Slot(index) for index in range(max_concurrency)]
         self.eos = np.array(pipeline.tokens["eos_token_ids"], dtype=np.int64)
         self._waiting: deque[Completion] = deque()
@@ -401,9 +402,9 @@ class Scheduler:
             stop = min(start + self.prefill_chunk, total)
             self._fit(extra={slot.index: stop - start})
             rows = range(slot.index, slot.index + 1)
-            feeds = self.cache.feeds(rows, [slot.index], stop - start)
+            feeds, presents = self.cache.feeds(rows, [slot.index], stop - start)
             positions = np.arange(start, stop, dtype=np.int64)[None]
-            outputs = self._run({"inputs_embeds": embeds[:, start:stop], "position_ids": positions, **feeds})
+            outputs = self._run({"inputs_embeds": embeds[:, start:stop], "position_ids": positions, **feeds}, presents)
             self.cache.write([slot.index], [0], outputs, keys[None, start:stop])
             if stop < total:
                 yield
@@ -415,12 +416,13 @@ class Scheduler:
         busy = [slot.index for slot in self.slots if slot.completion is not None]
         self.cache.fit(max(int(self.cache.lengths[i]) + extra.get(i, 0) for i in busy))
 
-    def _run(self, feeds: dict) -> dict:
-        """One decoder run; its outputs are allocated by the backend for this run's shapes."""
+    def _run(self, feeds: dict, bound: dict) -> dict:
+        """One decoder run; the outputs in `bound` go to the arrays given there (an in-place decoder's cache), the
+        others are allocated by the backend for this run's shapes."""
         for name, value in feeds.items():
             self.binding.input(name, value)
         for name in self.outputs:
-            self.binding.output(name)
+            self.binding.output(name, bound.get(name))
         return self.binding.run()
 
     def _decode_step(self, decoding: list[Slot]) -> None:
@@ -436,8 +438,8 @@ class Scheduler:
         for slot, row in zip(decoding, batch_rows):
             tokens[row, 0] = slot.next_token
             positions[row, 0] = self.cache.lengths[slot.index]
-        feeds = self.cache.feeds(rows, indices, 1)
-        outputs = self._run({"inputs_embeds": self.pipeline._embed(tokens), "position_ids": positions, **feeds})
+        feeds, presents = self.cache.feeds(rows, indices, 1)
+        outputs = self._run({"inputs_embeds": self.pipeline._embed(tokens), "position_ids": positions, **feeds}, presents)
         self.cache.write(indices, batch_rows, outputs, tokens[batch_rows])
         self._advance(decoding, outputs["logits"], batch_rows)
 

@@ -250,3 +250,28 @@ def next_video(tmp_path_factory) -> dict[str, Variant]:
 @pytest.fixture(params=NEXT_VIDEO_POOL_MODES)
 def nv_variant(request, next_video) -> Variant:
     return next_video[request.param]
+
+
+def in_place_pipeline(variant: Variant, directory: Path):
+    """`variant`'s pipeline with its fp32 decoder rewritten with GroupQueryAttention, the form of the onnxruntime copies
+    (`export/group_query_attention.py`), run in place of the decoder: the exact reference rewritten, so transformers
+    stays its oracle."""
+    import json
+    import shutil
+
+    from llava_rt.export.group_query_attention import write_group_query_attention
+    from llava_rt.runtime.backends import open_session
+
+    manifest = json.loads((variant.bundle / "manifest.json").read_text())
+    for path in variant.bundle.glob("decoder.onnx*"):  # the graph and its external data, read by the rewritten graph
+        shutil.copyfile(path, directory / path.name)
+    kv_cache, windows = manifest["graphs"]["decoder"]["kv_cache"], manifest["text"]["sliding_windows"]
+    rewritten = write_group_query_attention(directory / "decoder.onnx", directory / "decoder.gqa.onnx", kv_cache, windows)
+    pipeline = variant.pipeline()
+    pipeline.sessions["decoder"] = open_session(rewritten)
+    return pipeline
+
+
+@pytest.fixture(scope="session")
+def in_place_pipelines(variants, tmp_path_factory):
+    return {name: in_place_pipeline(v, tmp_path_factory.mktemp(f"in-place-{name}")) for name, v in variants.items()}

@@ -27,7 +27,7 @@ class HostFeedsDecoder:
     interface the decode loop uses."""
 
     def __init__(self, session):
-        self.session, self.outputs, self.array_module = session, session.outputs, np
+        self.session, self.inputs, self.outputs, self.array_module = session, session.inputs, session.outputs, np
 
     def bind(self):
         return HostFeedsBinding(self.session)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from llava_rt.runtime.backends import TensorSpec
 from llava_rt.runtime.decoding import Generator
@@ -63,16 +64,18 @@ class _RecordingDecoder:
     """The bundle's decoder session, its bindings recording."""
 
     def __init__(self, session):
-        self.session, self.outputs, self.array_module = session, session.outputs, session.array_module
+        self.session, self.array_module = session, session.array_module
+        self.inputs, self.outputs = session.inputs, session.outputs
 
     def bind(self):
         self.binding = _RecordingBinding(self.session.bind())
         return self.binding
 
 
-def test_decode_steps_feed_the_cache_buffers_themselves(pipelines):
+@pytest.mark.parametrize("in_place", [False, True], ids=["masked cache", "cache written in place"])
+def test_decode_steps_feed_the_cache_buffers_themselves(pipelines, in_place_pipelines, in_place):
     """After the prefill the cache has room for the whole run, so every decode step feeds the same buffers."""
-    pipeline = pipelines["mistral"]
+    pipeline = (in_place_pipelines if in_place else pipelines)["mistral"]
     recorder = _RecordingDecoder(pipeline.sessions["decoder"])
     pipeline.sessions["decoder"] = recorder
     try:

@@ -26,12 +26,20 @@ def pipeline(pipelines):
     return pipelines["mistral"]
 
 
+@pytest.fixture(scope="module", params=["masked cache", "cache written in place"])
+def both_decoders(request, pipelines, in_place_pipelines):
+    """The pipeline with its decoder as exported, then with its attention as GroupQueryAttention (the onnxruntime
+    copies' form, writing the slots' rows in place; idle rows in the batch are left as they are)."""
+    return (pipelines if request.param == "masked cache" else in_place_pipelines)["mistral"]
+
+
 def _alone(pipeline, question):
     return pipeline.generate(**question)
 
 
 @pytest.mark.parametrize("concurrency, chunk", [(3, 5), (8, 64)])
-def test_every_answer_equals_its_answer_served_alone(pipeline, concurrency, chunk):
+def test_every_answer_equals_its_answer_served_alone(both_decoders, concurrency, chunk):
+    pipeline = both_decoders
     expected = [_alone(pipeline, q) for q in QUESTIONS]
     with Scheduler(pipeline, max_concurrency=concurrency, prefill_chunk=chunk) as scheduler:
         completions = [scheduler.submit(Request.build(**q)) for q in QUESTIONS]
@@ -75,7 +83,8 @@ def test_finish_reasons_length_and_context(pipeline):
     assert cut.input_tokens + len(cut.token_ids) <= pipeline.max_length
 
 
-def test_a_continued_conversation_reuses_its_prefix_and_skips_the_vision(pipeline):
+def test_a_continued_conversation_reuses_its_prefix_and_skips_the_vision(both_decoders):
+    pipeline = both_decoders
     image = random_image(48, 64, seed=7)
     first_turn = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]}]
     with Scheduler(pipeline, max_concurrency=2, prefill_chunk=16) as scheduler:
@@ -94,7 +103,8 @@ def test_a_continued_conversation_reuses_its_prefix_and_skips_the_vision(pipelin
     assert second.token_ids == alone.token_ids
 
 
-def test_a_shared_prefix_is_copied_from_a_busy_slot(pipeline):
+def test_a_shared_prefix_is_copied_from_a_busy_slot(both_decoders):
+    pipeline = both_decoders
     image = random_image(48, 48, seed=9)
     system = {"role": "system", "content": "You are a careful assistant who describes pictures in detail."}
 
@@ -168,7 +178,8 @@ def test_slot_cache_prefixes_copies_and_capacity():
     assert np.array_equal(cache.buffers["past_key_values.0.key"][2, :, 4], step["new_key_values.0.key"][2, :, 0])
     assert np.array_equal(cache.buffers["past_key_values.0.key"][0, :, 0], step["new_key_values.0.key"][0, :, 0])
     assert cache.tokens[2].tolist() == [0, 1, 2, 3, 40] and cache.lengths.tolist() == [1, 5, 5]
-    feeds = cache.feeds(range(0, 2), [1], 1)
+    feeds, bound = cache.feeds(range(0, 2), [1], 1)
+    assert bound == {}  # the new keys and values come out, and `write` copies them
     assert feeds["attention_mask"].shape == (2, MIN_SLOT_CAPACITY + 1)
     assert feeds["attention_mask"][1, :6].tolist() == [1, 1, 1, 1, 1, 0] and feeds["attention_mask"][0].sum() == 1
     cache.fit(2000)
@@ -201,10 +212,10 @@ def test_decode_steps_run_over_the_busy_slots_only(pipeline):
         batches = []
         run = scheduler._run
 
-        def spy(feeds):  # records each decode step's batch, then runs it
+        def spy(feeds, bound):  # records each decode step's batch, then runs it
             if feeds["inputs_embeds"].shape[1] == 1:
                 batches.append(len(feeds["inputs_embeds"]))
-            return run(feeds)
+            return run(feeds, bound)
 
         scheduler._run = spy
         raw = dict(apply_chat_template=False)  # prompts sharing no prefix: no slot is chosen for its cache

@@ -154,6 +154,8 @@ class OnnxRuntimeBinding:
         self._bound[name] = (array, self._arrays.bind_input(self._binding, name, array))
 
     def output(self, name: str, array: Any = None) -> None:
+        if array is not None and self._given.get(name) is array:
+            return
         self._arrays.bind_output(self._binding, name, array)
         self._given[name] = array
 
