@@ -14,7 +14,7 @@ import numpy as np
 import onnxruntime as ort
 
 from ..runtime.backends.onnxrt import ORT_DTYPES
-from ..runtime.kv_cache import KVCache
+from ..runtime.kv_cache import KVCache, writes_in_place
 
 DECODER_PROMPTS = 8
 DECODER_PROMPT_LENGTH = 24
@@ -69,17 +69,23 @@ def graph_drift(
     return {**compare_outputs(references, outputs), "samples": len(feeds), "run": "onnxruntime" if fused else "fake-quant"}
 
 
-def decoder_prompts(embed: np.ndarray, kv_cache: dict[str, int]) -> list[dict[str, np.ndarray]]:
-    """Fixed prefill feeds (random token ids, empty past) for comparing decoders; dtypes are cast per graph."""
+def decoder_prompts(embed: np.ndarray, kv_cache: dict[str, int], in_place: bool = False) -> list[dict[str, np.ndarray]]:
+    """Fixed prefill feeds (random token ids, empty past) for comparing decoders; dtypes are cast per graph. `in_place`:
+    for a decoder writing the cache in place (its past then has room for the prompt, and is copied to its present)."""
     rng = np.random.default_rng(0)
     prompts = []
     for _ in range(DECODER_PROMPTS):
         ids = rng.integers(0, len(embed), size=(1, DECODER_PROMPT_LENGTH))
+        if in_place:
+            cache = KVCache(kv_cache, 1, np.float32, capacity=DECODER_PROMPT_LENGTH, in_place=True)
+            cache_feeds = cache.in_place_run(slice(None), DECODER_PROMPT_LENGTH)[0]
+        else:
+            cache_feeds = KVCache(kv_cache, 1, np.float32).feeds(np.zeros((1, 0), np.int64), np.ones(ids.shape, np.int64))
         prompts.append(
             {
                 "inputs_embeds": np.asarray(embed[ids], np.float32),
                 "position_ids": np.arange(DECODER_PROMPT_LENGTH, dtype=np.int64)[None],
-                **KVCache(kv_cache, 1, np.float32).feeds(np.zeros((1, 0), np.int64), np.ones(ids.shape, np.int64)),
+                **cache_feeds,
             }
         )
     return prompts
@@ -87,7 +93,10 @@ def decoder_prompts(embed: np.ndarray, kv_cache: dict[str, int]) -> list[dict[st
 
 def decoder_drift(reference: Path, variant: Path, embed: np.ndarray, kv_cache: dict[str, int]) -> dict[str, Any]:
     """Last-token logits of both decoders on fixed prompts: cosine, max abs diff and greedy top-1 agreement."""
-    prompts = decoder_prompts(embed, kv_cache)
-    logits = [graph_outputs(path, prompts, "logits") for path in (reference, variant)]
+    logits = []
+    for path in (reference, variant):
+        session = open_graph(path)
+        prompts = decoder_prompts(embed, kv_cache, writes_in_place([value.name for value in session.get_inputs()]))
+        logits.append([run_graph(session, feeds, "logits") for feeds in prompts])
     agree = sum(int(r.argmax() == v.argmax()) for r, v in zip(*logits))
-    return {**compare_outputs(*logits), "top1_agreement": agree / len(prompts), "prompts": len(prompts)}
+    return {**compare_outputs(*logits), "top1_agreement": agree / DECODER_PROMPTS, "prompts": DECODER_PROMPTS}

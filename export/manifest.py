@@ -327,13 +327,24 @@ def describe_io(path: Path) -> dict[str, list[dict[str, Any]]]:
     return {"inputs": describe(model.graph.input), "outputs": describe(model.graph.output)}
 
 
+def external_data_file(path: Path) -> str | None:
+    """The file holding a saved graph's external weights (one per graph here; the onnxruntime copy of a decoder may
+    read another variant's), None when its weights are inside it."""
+    model = onnx.load(path, load_external_data=False)
+    locations = {item.value for tensor in model.graph.initializer for item in tensor.external_data if item.key == "location"}
+    if len(locations) > 1:
+        raise ValueError(f"{path.name} reads its weights from {len(locations)} files, not one")
+    return next(iter(locations), None)
+
+
 def variant_entry(path: Path, key: str) -> dict[str, Any]:
     """The manifest entry of a graph variant written at `path` (`key`: `fp32`, `fp16`, `int8.ort`, ...): precision,
     form, files, and the inputs and outputs the graph declares."""
     precision, _, ort = key.partition(".")
     entry = {"precision": precision, "form": "onnxruntime" if ort else "standard", "file": path.name, **describe_io(path)}
-    if path.with_name(f"{path.name}.data").is_file():
-        entry["external_data"] = f"{path.name}.data"
+    data = external_data_file(path)
+    if data is not None:
+        entry["external_data"] = data
     return entry
 
 

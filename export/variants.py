@@ -40,7 +40,7 @@ def variant_stages(precisions: Sequence[str]) -> list[str]:
         stages.append("calibrating the vision tower and projector on images and writing int8 Q/DQ graphs")
     weight_only = [precision for precision in ("int8", "int4") if precision in precisions]
     if weight_only:
-        stages.append(f"quantizing the decoder to {' and '.join(weight_only)}")
+        stages.append(f"quantizing the decoder to {' and '.join(weight_only)} (onnxruntime copies with GroupQueryAttention)")
     if precisions:
         stages.append("measuring each variant's drift from fp32")
     stages.append("checking the standard-form graphs against TensorRT's ONNX parser")
@@ -91,11 +91,14 @@ def add_variants(
             written.setdefault(graph, {}).update(paths)
     weight_only = [precision for precision in ("int8", "int4") if precision in precisions]
     if weight_only:
+        from .group_query_attention import add_onnxruntime_copies
         from .weight_only import quantize_decoder
 
         next_stage()
+        kv_cache, windows = manifest["graphs"]["decoder"]["kv_cache"], manifest["text"]["sliding_windows"]
         for precision in weight_only:
-            written.setdefault("decoder", {}).update(quantize_decoder(work / "decoder.onnx", precision, log))
+            quantized = quantize_decoder(work / "decoder.onnx", precision, log)
+            written.setdefault("decoder", {}).update(add_onnxruntime_copies(quantized, kv_cache, windows, log))
     for graph, paths in written.items():
         for key, path in paths.items():
             manifest["graphs"][graph]["variants"][key] = variant_entry(path, key)

@@ -166,7 +166,7 @@ def test_run_says_which_variants_it_runs(exported):
     bundle, _, _ = exported
     done = run("llava_rt.runtime.cli", str(bundle), "--prompt", "hi", "--max-new-tokens", "2", "--precision", "int4")
     assert done.returncode == 0, done.stderr
-    assert "llava-run: precision int4 (as asked): vision fp32, projector fp32, decoder int4" in done.stderr
+    assert "llava-run: precision int4 (as asked): vision fp32, projector fp32, decoder int4.ort" in done.stderr
 
 
 def test_run_refuses_a_precision_the_bundle_lacks(variants):

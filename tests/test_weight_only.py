@@ -14,6 +14,8 @@ from onnx import numpy_helper
 
 from llava_rt.export.drift import decoder_drift
 from llava_rt.export.fusion import graph_opset
+from llava_rt.export.group_query_attention import add_onnxruntime_copies
+from llava_rt.export.manifest import external_data_file
 from llava_rt.export.weight_only import INT4_BLOCK, quantize_decoder, quantize_weight, weight_matmuls
 from llava_rt.runtime.bundle import read_array
 
@@ -40,7 +42,7 @@ def quantized(request, variants, onevision, tmp_path_factory):
     and each copy's drift from it."""
     bundle = _bundle(request.param, variants, onevision)
     directory = tmp_path_factory.mktemp(f"weight-only-{request.param}")
-    for path in bundle.glob("decoder.onnx*"):
+    for path in [*bundle.glob("decoder.onnx*"), *bundle.glob("embed_tokens.npy"), bundle / "manifest.json"]:
         shutil.copyfile(path, directory / path.name)
     reference = directory / "decoder.onnx"
     written = {
@@ -157,6 +159,36 @@ def test_onnxruntime_fuses_the_standard_form_into_matmulnbits(quantized, precisi
     ops = _fused_ops(written[precision], tmp_path)
     assert ops.count("MatMulNBits") == len(weight_matmuls(_graph(reference)))
     assert "DequantizeLinear" not in ops
+
+
+def test_onnxruntime_copies_run_group_query_attention_on_the_same_weights(quantized, tmp_path):
+    reference, written, drift = quantized
+    manifest = json.loads((reference.parent / "manifest.json").read_text())
+    kv_cache, windows = manifest["graphs"]["decoder"]["kv_cache"], manifest["text"]["sliding_windows"]
+    sources = {}
+    for key, path in written.items():  # copies: the fixture's int8.ort is rewritten where it is
+        for file in (path, path.with_name(f"{path.name}.data")):
+            shutil.copyfile(file, tmp_path / file.name)
+        sources[key] = tmp_path / path.name
+    lines = []
+    copies = add_onnxruntime_copies(sources, kv_cache, windows, lines.append)
+    assert {key: path.name for key, path in copies.items()} == {
+        "int8": "decoder.int8.onnx",
+        "int8.ort": "decoder.int8.ort.onnx",
+        "int4": "decoder.int4.onnx",
+        "int4.ort": "decoder.int4.ort.onnx",
+    }
+    assert not (tmp_path / "decoder.int4.ort.onnx.data").exists()
+    assert external_data_file(copies["int4.ort"]) == "decoder.int4.onnx.data"
+    assert len(lines) == 2 and all("GroupQueryAttention" in line for line in lines)
+    embed = read_array(reference.parent, manifest["arrays"]["embed_tokens"])
+    for key, source in (("int4.ort", "int4"), ("int8.ort", "int8.ort")):
+        graph = _graph(copies[key])
+        assert [node.op_type for node in graph.node].count("GroupQueryAttention") == kv_cache["num_layers"]
+        source_tensors = {tensor.name: tensor for tensor in _graph(written[source]).initializer}
+        assert all(source_tensors[tensor.name] == tensor for tensor in graph.initializer)  # the same bytes, read in place
+        # the same weights, so the same drift but for the rounding of the activations each run quantizes
+        assert abs(decoder_drift(reference, copies[key], embed, kv_cache)["cosine"] - drift[source]["cosine"]) < 0.01
 
 
 @pytest.mark.parametrize("bits", [8, 4])
