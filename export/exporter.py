@@ -18,8 +18,7 @@ from ..runtime.console import progress
 from ..runtime.errors import BundleError, ExportError
 from ..runtime.manifest_schema import REEXPORT_ADVICE, check_manifest
 from . import verify
-from .checkpoint import load_model, read_checkpoint
-from .compat import check_transformers
+from .checkpoint import load_model
 from .fusion import decoder_export_options
 from .graphs import (
     PROJECTOR_IO,
@@ -35,9 +34,10 @@ from .graphs import (
 )
 from .manifest import build_manifest, config_sections, feature_layers, variant_entry
 from .onnx_export import export_onnx
-from .options import DECODER_OPSETS, FUSED_OPSET, check_precisions
-from .staging import check_destination, staged_directory
-from .variants import add_variants, calibration_sources, check_tensorrt, file_table, variant_stages
+from .options import FUSED_OPSET
+from .request_checks import check_export_request
+from .staging import staged_directory
+from .variants import add_variants, check_tensorrt, file_table, variant_stages
 
 
 class _Stages:
@@ -166,18 +166,11 @@ def export_bundle(
     manifest is checked as the runtime checks it before it is written. The decoder graphs are fused at
     `decoder_opset` 23; at 18 (for TensorRT 10.3) only their projections are (`fusion`).
     """
-    precisions = check_precisions(precisions)
-    if decoder_opset not in DECODER_OPSETS:
-        raise ExportError(f"--decoder-opset is {' or '.join(map(str, DECODER_OPSETS))}, not {decoder_opset}")
-    if calibration_images is not None and "int8" not in precisions:
-        raise ExportError("--calibration-images is used by --precision int8 only")
-    check_transformers()
+    request = check_export_request(checkpoint_dir, out_dir, precisions, calibration_images, force, decoder_opset)
+    checkpoint, precisions, calibration = request
     tolerance = verify.TOLERANCE["fp32"] if tolerance is None else tolerance
     out_dir = Path(out_dir)
-    checkpoint = read_checkpoint(checkpoint_dir)
     sections = config_sections(checkpoint)
-    check_destination(out_dir, force, keep=checkpoint.path)
-    calibration = calibration_sources(calibration_images) if "int8" in precisions else None
     started = time.perf_counter()
     names = [
         f"loading {checkpoint.model_class} from {checkpoint.path}",

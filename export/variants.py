@@ -52,15 +52,6 @@ def file_table(work: Path) -> dict[str, dict[str, Any]]:
     return {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in sorted(work.iterdir()) if p.is_file()}
 
 
-def calibration_sources(directory: str | Path | None) -> Path | None:
-    """The calibration image directory (None: the built-in set), checked to hold image files before any heavy work."""
-    from .calibration import image_files
-
-    if directory is not None:
-        image_files(Path(directory))
-    return None if directory is None else Path(directory)
-
-
 def add_variants(
     model,
     work: Path,

@@ -169,16 +169,6 @@ def test_images_inside_messages(pipelines):
     )
 
 
-def test_demo_command_exports_and_answers(tmp_path, capsys):
-    """The README's first command: build the tiny checkpoint, export it, answer about the drawn image."""
-    from llava_rt.export.demo import main
-
-    assert main(["--workdir", str(tmp_path), "--max-new-tokens", "3"]) == 0
-    out = capsys.readouterr().out
-    assert "answer:" in out and "prefill" in out and "tokens/s" in out
-    assert (tmp_path / "bundle" / "manifest.json").is_file() and (tmp_path / "shapes.png").is_file()
-
-
 def test_run_stream_prints_the_same_answer(variants, image_file):
     bundle = str(variants["mistral"].bundle)
     ask = (

@@ -112,12 +112,6 @@ def test_export_prints_only_its_own_numbered_stages(exported):
     assert (out / "manifest.json").is_file() and leftovers(out.parent) == []
 
 
-def test_verbose_export_shows_the_libraries_logs(checkpoint, tmp_path):
-    result = run("llava_rt.export.cli", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "b"), "--verbose")
-    assert result.returncode == 0, result.stderr
-    assert re.search(r"\b(onnx_ir|onnxscript)\.\w+", result.stderr), result.stderr[:2000]
-
-
 def test_library_export_leaves_the_logging_configuration_alone(exported, tmp_path):
     """Quantizing uses onnxruntime's quantizer, whose import calls `logging.basicConfig(level=INFO)` and whose dynamic
     quantization warns through the root logger (which would add a handler)."""
@@ -340,10 +334,11 @@ def test_calibration_images_none_usable_leaves_no_bundle(checkpoint, tmp_path):
     assert not out.exists() and leftovers(tmp_path) == []
 
 
-def test_force_replaces_a_bundle(checkpoint, exported):
+def test_force_replaces_a_bundle_and_verbose_shows_the_libraries_logs(checkpoint, exported):
     out = exported[1]
-    result = run("llava_rt.export.cli", "--checkpoint", str(checkpoint), "--out", str(out), "--force")
+    result = run("llava_rt.export.cli", "--checkpoint", str(checkpoint), "--out", str(out), "--force", "--verbose")
     assert result.returncode == 0, result.stderr
+    assert re.search(r"\b(onnx_ir|onnxscript)\.\w+", result.stderr), result.stderr[:2000]
     manifest = json.loads((out / "manifest.json").read_text())
     assert "decoder.int8.onnx" not in manifest["files"] and leftovers(out.parent) == []
 
@@ -398,11 +393,13 @@ def test_demo_workdir_that_is_a_file(tmp_path):
     assert_one_line_error(result, "llava-demo", f"--workdir {workdir} cannot be used as a directory")
 
 
-def test_demo_prints_only_its_own_lines(tmp_path):
-    """No transformers progress bar while the tiny checkpoint is saved, nor while it is loaded."""
+def test_demo_exports_answers_and_prints_only_its_own_lines(tmp_path):
+    """The README's first command: build the tiny checkpoint, export it, answer about the drawn image; no transformers
+    progress bar while the checkpoint is saved, nor while it is loaded."""
     result = run("llava_rt.export.demo", "--workdir", str(tmp_path), "--max-new-tokens", "2")
     assert result.returncode == 0, result.stderr
     lines = result.stderr.splitlines()
     assert lines[0].startswith("building a tiny random-weight") and lines[-1].startswith("wrote ")
     assert all(re.match(r"\[\d/6\] |  \w", line) for line in lines[1:-1]), lines
-    assert "answer:" in result.stdout
+    assert "answer:" in result.stdout and "prefill" in result.stdout and "tokens/s" in result.stdout
+    assert (tmp_path / "bundle" / "manifest.json").is_file() and (tmp_path / "shapes.png").is_file()
