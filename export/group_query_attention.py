@@ -84,6 +84,7 @@ class _Graph:
 
 
 def _attribute(node: onnx.NodeProto, name: str) -> int:
+    """An integer attribute of `node`."""
     return next(helper.get_attribute_value(a) for a in node.attribute if a.name == name)
 
 
@@ -106,22 +107,25 @@ def _layer(graph: _Graph, past_key: str, past_value: str, new_key: str, new_valu
 
 
 def _sorted_live_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
-    """The nodes the outputs depend on, in an order where each comes after what it reads."""
-    live, kept = {output.name for output in graph.output}, []
-    for node in reversed(graph.node):
-        if any(name in live for name in node.output):
-            kept.append(node)
-            live.update(node.input)
+    """The nodes the outputs depend on, each after the nodes it reads (the new ones were appended at the end)."""
+    producer = {name: node for node in graph.node for name in node.output}
+    live, pending = set(), [producer[output.name] for output in graph.output if output.name in producer]
+    while pending:
+        node = pending.pop()
+        if id(node) not in live:
+            live.add(id(node))
+            pending += [producer[name] for name in node.input if name in producer]
     available = {value.name for value in graph.input} | {tensor.name for tensor in graph.initializer} | {""}
-    ordered, waiting = [], list(reversed(kept))
+    ordered, waiting = [], [node for node in graph.node if id(node) in live]
     while waiting:
         ready = [node for node in waiting if all(name in available for name in node.input)]
         if not ready:
-            raise UnsupportedDecoder("the rewritten graph has a cycle")
+            raise UnsupportedDecoder(f"{waiting[0].name} reads a value nothing makes")
         for node in ready:
             available.update(node.output)
         ordered += ready
-        waiting = [node for node in waiting if node not in ready]
+        placed = {id(node) for node in ready}
+        waiting = [node for node in waiting if id(node) not in placed]
     return ordered
 
 
