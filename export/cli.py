@@ -7,7 +7,7 @@ import sys
 
 from ..runtime.console import add_standard_options, one_line, run_command, say
 from .options import DECODER_OPSETS, EXTRA, FUSED_OPSET, PORTABLE_OPSET, VARIANT_PRECISIONS
-from .request_checks import check_export_request
+from .request_checks import check_export_options
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,8 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _export(args: argparse.Namespace) -> int:
     precisions = () if args.precision is None else args.precision
-    # what can be checked without torch, first (export_bundle checks it too, for its library callers)
-    check_export_request(args.checkpoint, args.out, precisions, args.calibration_images, args.force, args.decoder_opset)
+    # what can be checked without torch, first (export_bundle checks it again, for its library callers)
+    check_export_options(args.checkpoint, args.out, precisions, args.calibration_images, args.force, args.decoder_opset)
     from .exporter import export_bundle
 
     manifest = export_bundle(

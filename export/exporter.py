@@ -18,7 +18,8 @@ from ..runtime.console import progress
 from ..runtime.errors import BundleError, ExportError
 from ..runtime.manifest_schema import REEXPORT_ADVICE, check_manifest
 from . import verify
-from .checkpoint import load_model
+from .checkpoint import load_model, read_checkpoint
+from .compat import check_transformers
 from .fusion import decoder_export_options
 from .graphs import (
     PROJECTOR_IO,
@@ -35,7 +36,7 @@ from .graphs import (
 from .manifest import build_manifest, config_sections, feature_layers, variant_entry
 from .onnx_export import export_onnx
 from .options import FUSED_OPSET
-from .request_checks import check_export_request
+from .request_checks import check_export_options
 from .staging import staged_directory
 from .variants import add_variants, check_tensorrt, file_table, variant_stages
 
@@ -166,8 +167,10 @@ def export_bundle(
     manifest is checked as the runtime checks it before it is written. The decoder graphs are fused at
     `decoder_opset` 23; at 18 (for TensorRT 10.3) only their projections are (`fusion`).
     """
-    request = check_export_request(checkpoint_dir, out_dir, precisions, calibration_images, force, decoder_opset)
-    checkpoint, precisions, calibration = request
+    options = checkpoint_dir, out_dir, precisions, calibration_images, force, decoder_opset
+    precisions, calibration = check_export_options(*options)
+    check_transformers()
+    checkpoint = read_checkpoint(checkpoint_dir)
     tolerance = verify.TOLERANCE["fp32"] if tolerance is None else tolerance
     out_dir = Path(out_dir)
     sections = config_sections(checkpoint)

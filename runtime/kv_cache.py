@@ -59,14 +59,15 @@ class KVCache:
     `spec` is the manifest's `graphs.decoder.kv_cache` entry. The buffers are arrays of `array_module`: numpy on
     the host, or the decoder session's device arrays (cupy), where every write is a strided copy on the device.
 
-    With `in_place` (a decoder that writes the cache itself, see `IN_PLACE_INPUTS`) each row holds its own tokens from
-    slot 0, `lengths[row]` of them (`length` is the longest), and a run is fed `in_place_run` instead of `feeds`.
+    `lengths[row]` is how many slots row `row` fills; every row fills the same number (left padding included),
+    except with `in_place` (a decoder that writes the cache itself, see `IN_PLACE_INPUTS`): then each row holds its
+    own tokens from slot 0, and a run is fed `in_place_run` instead of `feeds`. `length` is the longest row's.
     """
 
     def __init__(
         self, spec: dict[str, int], batch: int, dtype, capacity: int = 0, array_module: ModuleType = np, in_place: bool = False
     ):
-        self.spec, self.length, self.array_module, self.in_place = spec, 0, array_module, in_place
+        self.spec, self.array_module, self.in_place = spec, array_module, in_place
         self.lengths = np.zeros(batch, dtype=np.int64)
         shape = (batch, spec["num_kv_heads"], capacity, spec["head_dim"])
         self.buffers = {name: array_module.zeros(shape, dtype=dtype) for name in past_names(spec)}
@@ -75,27 +76,31 @@ class KVCache:
     def capacity(self) -> int:
         return next(iter(self.buffers.values())).shape[2]
 
+    @property
+    def length(self) -> int:
+        return int(self.lengths.max())
+
     def reserve(self, capacity: int) -> None:
         """Make room for `capacity` tokens in all (keeping the cached ones)."""
         if capacity <= self.capacity:
             return
+        kept = self.length
         for name, buffer in self.buffers.items():
             grown = self.array_module.zeros((*buffer.shape[:2], capacity, buffer.shape[3]), dtype=buffer.dtype)
-            grown[:, :, : self.length] = buffer[:, :, : self.length]
+            grown[:, :, :kept] = buffer[:, :, :kept]
             self.buffers[name] = grown
 
     def append(self, new: dict[str, np.ndarray]) -> None:
         """Write the decoder's `new_key_values.*` outputs after the cached tokens."""
-        count = next(iter(new.values())).shape[2]
-        if self.length + count > self.capacity:
-            self.reserve(max(self.length + count, 2 * self.capacity))
+        count, length = next(iter(new.values())).shape[2], self.length
+        if length + count > self.capacity:
+            self.reserve(max(length + count, 2 * self.capacity))
         for past_name, new_name in zip(self.buffers, new_names(self.spec)):
-            self.buffers[past_name][:, :, self.length : self.length + count] = new[new_name]
-        self.length += count
+            self.buffers[past_name][:, :, length : length + count] = new[new_name]
+        self.lengths += count
 
     def truncate(self, length: int) -> None:
         """Forget every token after the first `length` (their slots are overwritten by the next ones)."""
-        self.length = min(length, self.length)
         np.minimum(self.lengths, length, out=self.lengths)
 
     def in_place_run(self, rows: slice, count: int) -> tuple[dict, dict]:
@@ -109,7 +114,6 @@ class KVCache:
     def advance(self, rows: slice, count: int) -> None:
         """Record that an in-place run wrote `count` tokens to each row of `rows`."""
         self.lengths[rows] += count
-        self.length = int(self.lengths.max())
 
     def feeds(self, token_mask: np.ndarray, new_mask: np.ndarray) -> dict:
         """The past inputs and the `attention_mask` (a host array) of one decoder run.
