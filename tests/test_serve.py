@@ -429,14 +429,17 @@ def test_concurrent_streams_beyond_the_queue_get_their_answer_or_429(single_slot
 
 
 def test_queue_full_is_429_and_a_client_leaving_frees_its_slot(single_slot):
-    # Greedy, without max_tokens, this answer runs to the end of the context: over 4000 tokens.
+    # Greedy, without max_tokens, this answer runs to the end of the context: over 4000 tokens. A request whose client
+    # left is cancelled at the next step, so it must stop far short of that (counted in tokens, not timed).
+    far_short = 2000
+
+    def generated() -> float:
+        return single_slot.metrics()["llava_rt_generated_tokens_total"]
+
+    before = generated()
     running = ask(single_slot, user("Tell me everything."), stream=True)
     pieces = (chunk for chunk in running if chunk.choices[0].delta.content)
     next(pieces)  # it is decoding
-    started = time.monotonic()
-    for _ in range(20):
-        next(pieces)
-    per_piece = (time.monotonic() - started) / 20
     waiting = {}
     queued = threading.Thread(target=lambda: waiting.setdefault("answer", ask(single_slot, user("Hi"), max_tokens=4)))
     queued.start()
@@ -444,22 +447,19 @@ def test_queue_full_is_429_and_a_client_leaving_frees_its_slot(single_slot):
     with pytest.raises(openai.RateLimitError) as refused:
         ask(single_slot, user("Me too"), max_tokens=1)
     assert refused.value.status_code == 429 and refused.value.body["code"] == 429
-    closed = time.monotonic()
     running.close()  # the client goes away: its request is cancelled, the queued one takes the slot
     queued.join(timeout=60)
-    waited = time.monotonic() - closed
     assert waiting["answer"].choices[0].finish_reason == "length"
-    # Far less than the thousands of pieces the running answer still had to go.
-    assert waited < 500 * per_piece, f"the queued request waited {waited:.2f} s; {per_piece * 1e3:.2f} ms per piece"
     single_slot.wait_for(lambda: single_slot.metrics()["llava_rt_requests_running"] == 0, 5, "idle")
+    assert generated() - before - 4 < far_short
     # The same for a client waiting for a whole (non-streamed) answer.
+    before = generated()
     connection = http.client.HTTPConnection("127.0.0.1", single_slot.port)
     connection.request("POST", "/v1/chat/completions", json.dumps({"messages": user("Tell me everything.")}))
     single_slot.wait_for(lambda: single_slot.metrics()["llava_rt_requests_running"] == 1, 10, "running")
-    left = time.monotonic()
     connection.close()
     single_slot.wait_for(lambda: single_slot.metrics()["llava_rt_requests_running"] == 0, 10, "freed")
-    assert time.monotonic() - left < 500 * per_piece
+    assert generated() - before < far_short
     single_slot.assert_serving()
     assert single_slot.client().models.list().data[0].id == "tiny"
 
