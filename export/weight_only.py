@@ -4,8 +4,8 @@ The standard form (`decoder.<int8|int4>.onnx`) reads the weight of every MatMul 
 MLP, lm_head) through a `DequantizeLinear` (opset 21), the ai.onnx form TensorRT builds as weight-only quantization:
 int8 per output channel (`axis` 1 of the `[K, N]` weight), int4 in blocks of `INT4_BLOCK` rows along K (`axis` 0,
 `block_size`); positive scales, no zero points. onnxruntime's CPU provider fuses each DQ -> MatMul into its
-MatMulNBits kernel (`session.qdq_matmulnbits_accuracy_level`, default 4: int8 compute): int4 blocked in every
-supported release, int8 only in newer ones (1.32 does, 1.22 runs the DQ on every call). int8 also gets the
+MatMulNBits kernel (`session.qdq_matmulnbits_accuracy_level`, default 4: int8 compute), int4 blocked and int8 per
+channel alike (the int8 rule is newer than 1.22, which ran the DQ on every call). int8 also gets the
 onnxruntime form `decoder.int8.ort.onnx`, int8 activations too (`int8_activations`): on the CPU it is the fast one.
 """
 

@@ -28,8 +28,6 @@ STANDARD = ("int8", "int4")
 # flat for random weights (0.82-0.99 on these decoders). The bound catches what breaks the weights (a wrong packing, sign
 # or axis gives a cosine near 0), not the precision itself; int8 keeps 0.99.
 MIN_COSINE = {"int8": 0.99, "int8.ort": 0.99, "int4": 0.8}
-# onnxruntime fuses DequantizeLinear -> MatMul into MatMulNBits: int4 blocked since before 1.22, int8 in 1.32 (not 1.22).
-FUSED_INT8_SINCE = (1, 32)
 
 
 def _bundle(name, variants, onevision):
@@ -153,8 +151,6 @@ def _fused_ops(path, tmp_path):
 
 @pytest.mark.parametrize("precision", STANDARD)
 def test_onnxruntime_fuses_the_standard_form_into_matmulnbits(quantized, precision, tmp_path):
-    if precision == "int8" and tuple(int(part) for part in ort.__version__.split(".")[:2]) < FUSED_INT8_SINCE:
-        pytest.skip(f"onnxruntime {ort.__version__} fuses only 4-bit DequantizeLinear -> MatMul")
     reference, written, _ = quantized
     ops = _fused_ops(written[precision], tmp_path)
     assert ops.count("MatMulNBits") == len(weight_matmuls(_graph(reference)))
