@@ -159,11 +159,15 @@ class SlotKVCache:
         return next(iter(self.buffers.values())).shape[2]
 
     def fit(self, needed: int) -> None:
-        """Make the capacity at least `needed` tokens (doubling, up to `max_capacity`), or shrink it when the rows
-        use less than a quarter of it (rows of ended requests lose the tokens past the new capacity)."""
+        """Make the capacity at least `needed` tokens (doubling it as often as that takes, at once: one copy, up to
+        `max_capacity`), or shrink it when the rows use less than a quarter of it (rows of ended requests lose the
+        tokens past the new capacity)."""
         capacity = self.capacity
         if needed > capacity:
-            new = min(max(needed, 2 * capacity, MIN_SLOT_CAPACITY), self.max_capacity)
+            new = max(capacity, MIN_SLOT_CAPACITY)
+            while new < needed:
+                new *= 2
+            new = min(new, self.max_capacity)
         elif capacity > MIN_SLOT_CAPACITY and 4 * needed <= capacity:
             new = max(2 * needed, MIN_SLOT_CAPACITY)
         else:

@@ -158,6 +158,7 @@ class Slot:
     completion: Completion | None = None
     prefill: Generator[Future | None, None, None] | None = None  # the request's prefill, one unit per step; None once decoding
     waiting: Future | None = None  # the image features its prefill waits for
+    prompt_left: int = 0  # prompt tokens its prefill has still to write: the cache keeps room for them
     stream: TextStream | None = None
     rng: np.random.Generator | None = None
     budget: int = 0  # how many tokens the request may generate (max_new_tokens, within the context)
@@ -398,23 +399,28 @@ class Scheduler:
         embeds, _ = pipeline._inputs_embeds([prepared], features)
         keys = slot.completion.token_keys
         total = len(keys)
+        # Room for the whole prompt at once: growing chunk by chunk would copy every slot's cache at each doubling,
+        # each copy a stall of every stream (the last of them 0.7 s for a 1500-token prompt beside four streams).
+        slot.prompt_left = total - reused
+        self._fit({})
         for start in range(reused, total, self.prefill_chunk):
             stop = min(start + self.prefill_chunk, total)
-            self._fit(extra={slot.index: stop - start})
             rows = range(slot.index, slot.index + 1)
             feeds, presents = self.cache.feeds(rows, [slot.index], stop - start)
             positions = np.arange(start, stop, dtype=np.int64)[None]
             outputs = self._run({"inputs_embeds": embeds[:, start:stop], "position_ids": positions, **feeds}, presents)
             self.cache.write([slot.index], [0], outputs, keys[None, start:stop])
+            slot.prompt_left = total - stop
             if stop < total:
                 yield
         slot.prefill = None
         self._advance([slot], outputs["logits"], [0])
 
     def _fit(self, extra: dict[int, int]) -> None:
-        """Size the cache for the busy slots' tokens plus `extra[slot]` more about to be written."""
-        busy = [slot.index for slot in self.slots if slot.completion is not None]
-        self.cache.fit(max(int(self.cache.lengths[i]) + extra.get(i, 0) for i in busy))
+        """Size the cache for the busy slots' tokens plus `extra[slot]` more about to be written (at least the prompt
+        a slot's prefill has still to write)."""
+        busy = [slot for slot in self.slots if slot.completion is not None]
+        self.cache.fit(max(int(self.cache.lengths[s.index]) + max(extra.get(s.index, 0), s.prompt_left) for s in busy))
 
     def _run(self, feeds: dict, bound: dict) -> dict:
         """One decoder run; the outputs in `bound` go to the arrays given there (an in-place decoder's cache), the
@@ -498,6 +504,6 @@ class Scheduler:
             text += slot.stream.flush() if slot.stream is not None else ""
         if reason in ("abort", "error") and slot.prefill is not None:
             slot.prefill.close()
-        slot.completion, slot.prefill, slot.waiting, slot.stream = None, None, None, None
+        slot.completion, slot.prefill, slot.waiting, slot.stream, slot.prompt_left = None, None, None, None, 0
         slot.freed_at = time.monotonic()
         completion._emit(Event(text, tokens, time.monotonic(), reason, error))

@@ -182,8 +182,8 @@ def test_slot_cache_prefixes_copies_and_capacity():
     assert bound == {}  # the new keys and values come out, and `write` copies them
     assert feeds["attention_mask"].shape == (2, MIN_SLOT_CAPACITY + 1)
     assert feeds["attention_mask"][1, :6].tolist() == [1, 1, 1, 1, 1, 0] and feeds["attention_mask"][0].sum() == 1
-    cache.fit(2000)
-    assert cache.capacity == 2000 and cache.tokens[2].tolist() == [0, 1, 2, 3, 40]
+    cache.fit(2000)  # 256 doubled three times, in one copy
+    assert cache.capacity == 2048 and cache.tokens[2].tolist() == [0, 1, 2, 3, 40]
     assert np.array_equal(cache.buffers["past_key_values.1.value"][2, :, :4], np.full((2, 4, 4), 2, np.float32))
     cache.fit(100)  # shrinks: the rows use under a quarter of it
     assert cache.capacity == MIN_SLOT_CAPACITY and cache.lengths.tolist() == [1, 5, 5]
@@ -205,6 +205,33 @@ def test_a_failing_request_ends_with_its_error_and_the_others_go_on(pipeline, mo
         assert failing.finish_reason == "error"
         assert text.result(timeout=60).token_ids == pipeline.generate(prompt="Keep going.", max_new_tokens=12).token_ids
         assert scheduler.generate(prompt="After.", max_new_tokens=3).finish_reason == "length"
+
+
+def test_a_long_prompt_grows_the_slot_cache_once_beside_a_running_stream(both_decoders):
+    """Growing copies every slot's cache and stalls every stream: a prompt reserves its room before its first chunk
+    (doubling the capacity as often as it takes, in one copy), and the cache does not shrink under the part still to
+    come."""
+    pipeline = both_decoders
+    long_prompt = dict(prompt="stone river " * 87, max_new_tokens=3, apply_chat_template=False)
+    expected = pipeline.generate(**long_prompt)
+    assert expected.input_tokens > 2 * MIN_SLOT_CAPACITY
+    with Scheduler(pipeline, max_concurrency=2, prefill_chunk=16) as scheduler:
+        capacities = []
+        fit = scheduler.cache.fit
+
+        def spy(needed):  # records every capacity the cache takes
+            fit(needed)
+            if not capacities or capacities[-1] != scheduler.cache.capacity:
+                capacities.append(scheduler.cache.capacity)
+
+        scheduler.cache.fit = spy
+        stream = scheduler.submit(Request.build(prompt="Keep going.", max_new_tokens=200, min_new_tokens=200))
+        next(iter(stream))
+        got = scheduler.submit(Request.build(**long_prompt)).result(timeout=120)
+        stream.cancel()
+    assert got.token_ids == expected.token_ids
+    assert capacities[:2] == [MIN_SLOT_CAPACITY, 4 * MIN_SLOT_CAPACITY]  # room for the answer too (up to the context)
+    assert len(capacities) <= 3  # then at most a shrink, once it has ended
 
 
 def test_decode_steps_run_over_the_busy_slots_only(pipeline):
