@@ -18,7 +18,6 @@ no faster. Ranges are the MinMax of the tensors over the calibration tiles, comp
 from __future__ import annotations
 
 import copy
-import heapq
 import tempfile
 import time
 from collections.abc import Callable, Iterable
@@ -65,53 +64,15 @@ FORMS = {
 }
 
 
-def _added_nodes_early(graph: onnx.GraphProto, original_outputs: set[str]) -> None:
-    """Reorder `graph`'s nodes so that each node producing none of `original_outputs` (one the calibrator added) comes
-    as soon as its inputs exist, the original nodes keeping their order (a topological sort by that priority)."""
-    nodes = list(graph.node)
-    producers = {name for node in nodes for name in node.output}
-    waiting = [len({name for name in node.input if name in producers}) for node in nodes]
-    readers: dict[str, list[int]] = {}
-    for index, node in enumerate(nodes):
-        for name in {name for name in node.input if name in producers}:
-            readers.setdefault(name, []).append(index)
-
-    def priority(index: int) -> tuple[bool, int]:
-        return bool(set(nodes[index].output) & original_outputs), index
-
-    ready = [priority(index) for index, count in enumerate(waiting) if count == 0]
-    heapq.heapify(ready)
-    order = []
-    while ready:
-        index = heapq.heappop(ready)[1]
-        order.append(nodes[index])
-        for name in nodes[index].output:
-            for reader in readers.get(name, []):
-                waiting[reader] -= 1
-                if waiting[reader] == 0:
-                    heapq.heappush(ready, priority(reader))
-    del graph.node[:]
-    graph.node.extend(order)
-
-
 class _LowMemoryCalibrater(MinMaxCalibrater):
-    """onnxruntime's MinMax calibrator, changed in two places so that a run frees each activation once it is reduced.
+    """onnxruntime's MinMax calibrator, with its session set to free each activation once it is reduced.
 
-    The calibrator adds a ReduceMin and a ReduceMax (each with a Reshape) per calibrated tensor, as graph outputs. With
-    onnxruntime's DEFAULT execution order those reductions run late and a run keeps nearly every activation alive:
-    one tile of the real SigLIP tower peaks at 10.4 GB. PRIORITY_BASED order runs ready nodes lowest index first, so it
-    helps only when the reductions come early in the node list: onnxruntime >= 1.23 inserts them before each tensor's
-    first reader, 1.22 appends them at the end. `augment_graph` therefore moves them right after their producers (the
-    saved graph only; its weights file is left as written) and `create_inference_session`, where the calibrator builds
-    its only session, sets the order: 3.9 GB, the same ranges.
+    The calibrator adds a ReduceMin and a ReduceMax (each with a Reshape) per calibrated tensor, as graph outputs, each
+    before the tensor's first reader. With onnxruntime's DEFAULT execution order those reductions run late and a run
+    keeps nearly every activation alive: 4 tiles of the real SigLIP tower peak at 10.6 GB. PRIORITY_BASED order runs
+    ready nodes lowest index first, so the reductions run early: 3.9 GB, the same ranges (onnxruntime 1.32; 1.22
+    appended the reductions at the end, and the graph had to be reordered as well).
     """
-
-    def augment_graph(self):
-        original_outputs = {name for node in self.model.graph.node for name in node.output}
-        super().augment_graph()
-        augmented = onnx.load(self.augmented_model_path, load_external_data=False)
-        _added_nodes_early(augmented.graph, original_outputs)
-        onnx.save(augmented, self.augmented_model_path)
 
     def create_inference_session(self):
         options = ort.SessionOptions()
