@@ -50,6 +50,15 @@ def in_place_feeds(lengths: np.ndarray, fed: np.ndarray) -> dict[str, np.ndarray
     }
 
 
+def resized(buffers: dict, capacity: int, kept: int, array_module: ModuleType) -> dict:
+    """New cache buffers of `capacity` slots per row holding the first `kept` slots of `buffers` (zeros after)."""
+    grown = {}
+    for name, buffer in buffers.items():
+        grown[name] = array_module.zeros((*buffer.shape[:2], capacity, buffer.shape[3]), dtype=buffer.dtype)
+        grown[name][:, :, :kept] = buffer[:, :, :kept]
+    return grown
+
+
 class KVCache:
     """Keys and values of the tokens fed so far, per layer, in buffers `[B, kv_heads, capacity, head_dim]`.
 
@@ -84,11 +93,7 @@ class KVCache:
         """Make room for `capacity` tokens in all (keeping the cached ones)."""
         if capacity <= self.capacity:
             return
-        kept = self.length
-        for name, buffer in self.buffers.items():
-            grown = self.array_module.zeros((*buffer.shape[:2], capacity, buffer.shape[3]), dtype=buffer.dtype)
-            grown[:, :, :kept] = buffer[:, :, :kept]
-            self.buffers[name] = grown
+        self.buffers = resized(self.buffers, capacity, self.length, self.array_module)
 
     def append(self, new: dict[str, np.ndarray]) -> None:
         """Write the decoder's `new_key_values.*` outputs after the cached tokens."""
@@ -172,12 +177,8 @@ class SlotKVCache:
             new = max(2 * needed, MIN_SLOT_CAPACITY)
         else:
             return
-        kept = min(capacity, new)
-        for name, buffer in self.buffers.items():
-            resized = self.array_module.zeros((*buffer.shape[:2], new, buffer.shape[3]), dtype=buffer.dtype)
-            resized[:, :, :kept] = buffer[:, :, :kept]
-            self.buffers[name] = resized
         np.minimum(self.lengths, new, out=self.lengths)
+        self.buffers = resized(self.buffers, new, int(self.lengths.max()), self.array_module)
         self.tokens = [tokens[:new] for tokens in self.tokens]
 
     def prefix_lengths(self, tokens: np.ndarray) -> np.ndarray:
