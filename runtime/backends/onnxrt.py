@@ -101,9 +101,20 @@ class OnnxRuntimeSession:
     """An ONNX graph run by onnxruntime: every graph optimization, sequential execution on `threads` intra-op threads
     (onnxruntime's default: one per physical core), on `config.device`. Errors while loading or running become
     `BundleError`s naming the graph; a device whose provider is missing or does not start, `BackendUnavailable`
-    (never a silent run on the CPU)."""
+    (never a silent run on the CPU). `source` is a file, or a serialized model named `name`.
 
-    def __init__(self, path: Path, config: BackendConfig, precision: str = "fp32", engine_cache: Path | None = None):
+    The intra-op threads spin between the operators of a run and stop when it ends: each session has its own
+    threads, and those of a session that has just run would otherwise spin on the cores the next session runs on
+    (the scheduler alternates the decoder with vision segments: each segment took twice as long)."""
+
+    def __init__(
+        self,
+        source: Path | bytes,
+        config: BackendConfig,
+        precision: str = "fp32",
+        engine_cache: Path | None = None,
+        name: str | None = None,
+    ):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -112,14 +123,15 @@ class OnnxRuntimeSession:
         options.inter_op_num_threads = 1
         if config.threads:
             options.intra_op_num_threads = config.threads
-        self.name = path.name
+        options.add_session_config_entry("session.force_spinning_stop", "1")
+        self.name = name or source.name
         chosen = providers(config, precision, engine_cache)
         self.arrays = CudaArrays() if config.device != "cpu" else HostArrays()
         self.array_module = self.arrays.module
         try:
-            self._session = ort.InferenceSession(str(path), options, providers=chosen)
+            self._session = ort.InferenceSession(source if isinstance(source, bytes) else str(source), options, providers=chosen)
         except Exception as exc:  # onnxruntime raises its own untyped errors for bad graphs and bad provider options
-            raise BundleError(f"onnxruntime cannot load {path.name}: {onnxruntime_message(exc)}") from None
+            raise BundleError(f"onnxruntime cannot load {self.name}: {onnxruntime_message(exc)}") from None
         provider = chosen[0][0]
         if self._session.get_providers()[0] != provider:  # onnxruntime only logs a provider that failed to start
             raise BackendUnavailable(f"onnxruntime could not start its {provider} (see its log above); install {GPU_PACKAGE}")
