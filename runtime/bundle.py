@@ -23,6 +23,7 @@ from .backends import BackendConfig, Session, TensorSpec, open_session
 from .chat import ChatTemplate
 from .console import progress
 from .errors import BundleError, InputError
+from .graph_segments import SegmentedGraph, split_graph
 from .manifest_schema import REEXPORT_ADVICE, check_manifest
 from .stamps import RACY_NS, read_stamps, stamp, write_stamps
 from .tokenizer import Tokenizer
@@ -184,6 +185,28 @@ class Bundle:
             if mismatch:
                 raise BundleError(f"graph {entry['file']} does not match the manifest's {kind}: {mismatch}; {REEXPORT_ADVICE}")
         return session
+
+    def segmented(self, graph: str, variant: str, config: BackendConfig, count: int) -> SegmentedGraph:
+        """A graph variant split into at most `count` segments (see `graph_segments`), each loaded with onnxruntime as
+        `config` says, refused unless the whole's inputs and outputs are the ones the manifest declares."""
+        from .backends.onnxrt import OnnxRuntimeSession
+
+        entry = self.variant(graph, variant)
+        if entry.get("external_data"):
+            self.file(entry["external_data"])  # onnx reads it itself
+        outputs, segments = split_graph(self.file(entry["file"]), count)
+        reads, sessions = [], []
+        for index, segment in enumerate(segments):  # each loaded before the next is serialized
+            name = f"{entry['file']} (segment {index + 1})"
+            engine_cache = self.path / "engines" / f"{config.backend}-{config.device}"
+            sessions.append(OnnxRuntimeSession(segment.model, config, entry["precision"], engine_cache, name))
+            reads.append(segment.inputs)
+        whole = SegmentedGraph(reads, sessions, outputs)
+        for kind in ("inputs", "outputs"):
+            mismatch = _io_mismatch(entry[kind], getattr(whole, kind))
+            if mismatch:
+                raise BundleError(f"graph {entry['file']} does not match the manifest's {kind}: {mismatch}; {REEXPORT_ADVICE}")
+        return whole
 
     def tokenizer(self) -> Tokenizer:
         """The bundle's tokenizer."""

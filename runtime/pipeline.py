@@ -20,11 +20,12 @@ from .detokenize import TextStream
 from .engine_plans import plans_for
 from .errors import BundleError, InputError
 from .feature_cache import FeatureCache
+from .graph_segments import run_steps
 from .image_processing import MAX_IMAGE_PIXELS, ImageInput
 from .kv_cache import KVCache, writes_in_place
 from .media import Media, MediaProcessor
 from .precision import check_precision, select_variants
-from .request import Request
+from .request import Request, check_positive_int
 from .sampling import SearchOptions
 from .video import VideoInput
 
@@ -78,7 +79,10 @@ class Pipeline:
         form: str | None = None,
         device: str = "cpu",
         provider_options: dict[str, str] | None = None,
+        vision_segments: int = 1,
     ):
+        if check_positive_int("vision_segments", vision_segments) > 1 and backend != "onnxruntime":
+            raise InputError(f"vision segments need the onnxruntime backend, not {backend}")
         manifest = bundle.manifest
         self.bundle = bundle
         self.manifest = manifest
@@ -90,7 +94,12 @@ class Pipeline:
         self.sessions = {
             name: bundle.session(name, variant, self.config, self.plans.plan_file(name) if self.plans else None)
             for name, variant in variants.items()
+            if name != "vision" or vision_segments == 1
         }
+        # the vision graph as segments run one after another, one tile at a time (see `feature_steps`)
+        self.vision = None
+        if vision_segments > 1:
+            self.vision = bundle.segmented("vision", variants["vision"], self.config, vision_segments)
         # tiles or frames per vision-side call: bounds activations, and stays within the plans' --max-tiles
         self.tile_batch = min(VISION_BATCH, self.plans.entry["limits"]["max_tiles"]) if self.plans else VISION_BATCH
         self.tokenizer = bundle.tokenizer()
@@ -120,6 +129,7 @@ class Pipeline:
         form: str | None = None,
         device: str = "cpu",
         provider_options: dict[str, str] | None = None,
+        vision_segments: int = 1,
     ) -> "Pipeline":
         """Load a bundle directory. `verify`: "auto" re-hashes only the files changed since this user last verified
         them, "full" re-hashes every file (see `load_bundle`). `threads`: intra-op threads per graph (default: one
@@ -129,11 +139,14 @@ class Pipeline:
         `form` ("standard", "onnxruntime"): run that form of each variant where the bundle has it (default: the
         backend's preferred form; onnxruntime's own on the CPU). `device` ("cpu", "cuda", "tensorrt": onnxruntime's
         TensorRT provider) and `provider_options` (passed to its provider, e.g. `{"trt_fp16_enable": "True"}`):
-        where the graphs run; the KV cache and each decode step stay there."""
+        where the graphs run; the KV cache and each decode step stay there. `vision_segments` > 1: run the vision graph
+        as that many segments (at most; onnxruntime only, needs `onnx`), one tile at a time, so that a `Scheduler`
+        can run its decode steps between them; the features are the same."""
         BackendConfig(backend, device, threads, dict(provider_options or {}))  # checked before the bundle is hashed
         check_precision(precision)
+        check_positive_int("vision_segments", vision_segments)
         bundle = load_bundle(path, verify=verify)
-        return cls(bundle, backend, threads, max_image_pixels, precision, form, device, provider_options)
+        return cls(bundle, backend, threads, max_image_pixels, precision, form, device, provider_options, vision_segments)
 
     def input_dtype(self, graph: str, name: str) -> np.dtype:
         """The dtype the running variant of `graph` takes for its input `name`, as the manifest records it."""
@@ -220,38 +233,61 @@ class Pipeline:
     def features(self, media: list[Media], cache: FeatureCache | None = None) -> list[np.ndarray]:
         """Features of images and videos, in order; with a `cache`, media seen before are taken from it and only the
         others run through the graphs."""
+        return run_steps(self.feature_steps(media, cache))
+
+    def feature_steps(self, media: list[Media], cache: FeatureCache | None = None):
+        """`features` as a generator that yields after each graph run and returns the features: a `Scheduler` runs
+        its decode steps in between. With vision segments, a run is one segment over one tile."""
         if cache is None:
-            return self._compute_features(media)
+            return (yield from self._feature_steps(media))
         keys = [m.digest for m in media]
         found = [cache.get(key) for key in keys]
         missing = [i for i, features in enumerate(found) if features is None]
-        for i, features in zip(missing, self._compute_features([media[i] for i in missing])):
+        computed = yield from self._feature_steps([media[i] for i in missing])
+        for i, features in zip(missing, computed):
             cache.put(keys[i], features)
             found[i] = features
         return found
 
-    def _compute_features(self, media: list[Media]) -> list[np.ndarray]:
-        """Vision calls of `tile_batch` tiles and frames over all media; NeXT-Video frames then go through the
-        `video_pool` graph; the projector runs once per distinct token count (tiles, pooled frames)."""
+    def _feature_steps(self, media: list[Media]):
+        """Vision runs of `tile_batch` tiles and frames over all media (or of each tile through each segment);
+        NeXT-Video frames then go through the `video_pool` graph; the projector runs once per distinct token count
+        (tiles, pooled frames). Yields after each run."""
         if not media:
             return []
         pixels = np.concatenate([m.pixels for m in media])
-        batches = progress(range(0, len(pixels), self.tile_batch), desc="vision", unit="batch", enabled=self.show_progress)
-        selected = np.concatenate([self._run_graph("vision", "pixel_values", pixels[i : i + self.tile_batch]) for i in batches])
+        selected = yield from self._vision_steps(pixels)
         bounds = np.cumsum([0] + [len(m.pixels) for m in media])
         parts = [selected[start:stop] for start, stop in zip(bounds[:-1], bounds[1:])]
         for index, item in enumerate(media):
             if item.kind == "video" and self.media.pools_before_projector:
                 parts[index] = self._run_graph("video_pool", "image_features", parts[index])
+                yield
         projected: list[np.ndarray | None] = [None] * len(parts)
         for tokens in {part.shape[1] for part in parts}:
             group = [i for i, part in enumerate(parts) if part.shape[1] == tokens]
             embeds = self._run_graph("projector", "image_features", np.concatenate([parts[i] for i in group]))
+            yield
             embeds = embeds.astype(self.embeds_dtype, copy=False)
             starts = np.cumsum([0] + [len(parts[i]) for i in group])
             for i, start, stop in zip(group, starts[:-1], starts[1:]):
                 projected[i] = embeds[start:stop]
         return [self.media.features(item, embeds) for item, embeds in zip(media, projected)]
+
+    def _vision_steps(self, pixels: np.ndarray):
+        """The vision graph's output over `pixels`: in runs of `tile_batch` tiles, or each tile through each of the
+        vision segments. Yields after each run."""
+        dtype = self.input_dtype("vision", "pixel_values")
+        step = 1 if self.vision is not None else self.tile_batch
+        outputs = []
+        for i in progress(range(0, len(pixels), step), desc="vision", unit="batch", enabled=self.show_progress):
+            feeds = {"pixel_values": pixels[i : i + step].astype(dtype, copy=False)}
+            if self.vision is not None:
+                outputs.extend((yield from self.vision.steps(feeds)).values())
+            else:
+                outputs.extend(self.sessions["vision"].run(feeds).values())
+                yield
+        return outputs[0] if len(outputs) == 1 else np.concatenate(outputs)
 
     def _inputs_embeds(self, requests: list[PreparedRequest], features: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """Left-padded `[B, S, H]` embeddings with image and video features over their tokens, and the mask."""

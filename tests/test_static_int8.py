@@ -16,6 +16,9 @@ from llava_rt.export.calibration import MAX_TILES, MAX_TILES_PER_IMAGE, calibrat
 from llava_rt.export.drift import graph_drift, open_graph, run_graph
 from llava_rt.export.static_int8 import FORMS, QUANTIZED_OPS, TileInputs, quantize_vision_graphs
 from llava_rt.runtime import ExportError
+from llava_rt.runtime.backends import BackendConfig
+from llava_rt.runtime.backends.onnxrt import OnnxRuntimeSession
+from llava_rt.runtime.graph_segments import SegmentedGraph, split_graph
 
 FAMILIES = ("next", "onevision", "next_video")
 
@@ -93,6 +96,25 @@ def test_both_forms_run_fused_on_the_cpu_without_nan(family):
         embeds = run_graph(open_graph(family["written"]["projector"][form]), {"image_features": features}, "image_embeds")
         assert np.isfinite(features).all() and np.isfinite(embeds).all()
         assert embeds.shape[:2] == features.shape[:2] == (2, features.shape[1])
+
+
+def test_both_forms_split_into_segments_give_the_same_features(family):
+    """The server runs the vision graph as segments (`graph_segments`): a quantized graph's DequantizeLinear of each
+    weight is copied into the segments that use it rather than passed between them, and the output is the whole
+    graph's, bit for bit."""
+    tile = family["tiles"][:1]
+    for form in FORMS:
+        path = family["written"]["vision"][form]
+        graph = onnx.load(path).graph
+        weights = {tensor.name for tensor in graph.initializer}
+        dequantized = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in weights}
+        outputs, segments = split_graph(path, 3)
+        segments = list(segments)
+        sessions = [OnnxRuntimeSession(s.model, BackendConfig(), name=f"segment {i}") for i, s in enumerate(segments)]
+        got = SegmentedGraph([s.inputs for s in segments], sessions, outputs).run({"pixel_values": tile})["image_features"]
+        assert dequantized and len(segments) == 3, form
+        assert not dequantized & {name for segment in segments for name in segment.inputs}, form
+        assert np.array_equal(got, run_graph(open_graph(path), {"pixel_values": tile}, "image_features")), form
 
 
 def test_tensorrt_form_is_symmetric_int8_with_zero_zero_points(family):
