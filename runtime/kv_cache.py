@@ -163,17 +163,17 @@ class SlotKVCache:
     def capacity(self) -> int:
         return next(iter(self.buffers.values())).shape[2]
 
-    def fit(self, needed: int) -> None:
+    def fit(self, needed: int, shrink: bool = True) -> None:
         """Make the capacity at least `needed` tokens (doubling it as often as that takes, at once: one copy, up to
-        `max_capacity`), or shrink it when the rows use less than a quarter of it (rows of ended requests lose the
-        tokens past the new capacity)."""
+        `max_capacity`), or with `shrink` cut it to twice what the rows use when they use less than a quarter of it
+        (rows of ended requests lose the tokens past the new capacity)."""
         capacity = self.capacity
         if needed > capacity:
             new = max(capacity, MIN_SLOT_CAPACITY)
             while new < needed:
                 new *= 2
             new = min(new, self.max_capacity)
-        elif capacity > MIN_SLOT_CAPACITY and 4 * needed <= capacity:
+        elif shrink and capacity > MIN_SLOT_CAPACITY and 4 * needed <= capacity:
             new = max(2 * needed, MIN_SLOT_CAPACITY)
         else:
             return

@@ -210,7 +210,7 @@ def test_a_failing_request_ends_with_its_error_and_the_others_go_on(pipeline, mo
 def test_a_long_prompt_grows_the_slot_cache_once_beside_a_running_stream(both_decoders):
     """Growing copies every slot's cache and stalls every stream: a prompt reserves its room before its first chunk
     (doubling the capacity as often as it takes, in one copy), and the cache does not shrink under the part still to
-    come."""
+    come. Afterwards a cache written in place keeps its capacity (no second copy); a masked one shrinks."""
     pipeline = both_decoders
     long_prompt = dict(prompt="stone river " * 87, max_new_tokens=3, apply_chat_template=False)
     expected = pipeline.generate(**long_prompt)
@@ -219,19 +219,26 @@ def test_a_long_prompt_grows_the_slot_cache_once_beside_a_running_stream(both_de
         capacities = []
         fit = scheduler.cache.fit
 
-        def spy(needed):  # records every capacity the cache takes
-            fit(needed)
+        def spy(needed, shrink=True):  # records every capacity the cache takes
+            fit(needed, shrink)
             if not capacities or capacities[-1] != scheduler.cache.capacity:
                 capacities.append(scheduler.cache.capacity)
 
         scheduler.cache.fit = spy
-        stream = scheduler.submit(Request.build(prompt="Keep going.", max_new_tokens=200, min_new_tokens=200))
-        next(iter(stream))
+        stream = scheduler.submit(Request.build(prompt="Keep going.", max_new_tokens=400, min_new_tokens=400))
+        events = stream.events()
+        next(events)
         got = scheduler.submit(Request.build(**long_prompt)).result(timeout=120)
+        for _ in range(5):  # the stream decodes on after the long request has ended
+            next(events)
         stream.cancel()
+        scheduler.generate(prompt="Short.", max_new_tokens=2)  # a short request alone: no stream to stall
     assert got.token_ids == expected.token_ids
     assert capacities[:2] == [MIN_SLOT_CAPACITY, 4 * MIN_SLOT_CAPACITY]  # room for the answer too (up to the context)
-    assert len(capacities) <= 3  # then at most a shrink, once it has ended
+    if scheduler.cache.in_place:  # its capacity costs no compute: kept, rather than another copy to shrink it
+        assert capacities == [MIN_SLOT_CAPACITY, 4 * MIN_SLOT_CAPACITY]
+    else:  # attends over its whole capacity: shrinks once the long request has ended
+        assert len(capacities) == 3 and capacities[2] < capacities[1]
 
 
 def test_decode_steps_run_over_the_busy_slots_only(pipeline):
