@@ -8,7 +8,8 @@ Three measurements, each with a fresh scheduler over one loaded pipeline:
   tokens per second, time to first token and inter-token latency (p50/p99 over every request and token);
 - prefill interference: `--streams` text streams decoding while one image request arrives; the streams'
   inter-token latency while the image is prefilled, for each `--prefill-chunk` (the largest is no chunking),
-  against one client's inter-token p99 alone (from the load test);
+  against one client's inter-token p99 alone (from the load test); the vision graph runs as `--vision-segments`
+  segments, as `llava-serve` runs it, and an image is run once before the timing;
 - prefix reuse: a multi-turn replay (each conversation's next turn repeats the image and the answers so far); how
   many turns start from a cached prefix and their time to first token against the first turns'.
 p99 over a few hundred samples hides a single long stall: the maximum is reported beside it.
@@ -29,6 +30,7 @@ from ..runtime.console import add_standard_options, run_command, say
 from ..runtime.pipeline import Pipeline
 from ..runtime.request import Request
 from ..runtime.scheduler import Completion, Scheduler
+from ..serve.config import CPU_VISION_SEGMENTS
 from .sides import synthetic_image
 
 WORDS = "river stone cloud lamp forest window paper garden silver engine marble candle".split()
@@ -94,7 +96,8 @@ def measure_interference(pipeline: Pipeline, streams: int, chunk: int, args) -> 
     """`streams` text streams decoding while one image request is prefilled with `chunk`."""
     image = synthetic_image(args.image_size)
     with Scheduler(pipeline, max_concurrency=streams + 1, prefill_chunk=chunk) as scheduler:
-        scheduler.generate(prompt="warm up", max_new_tokens=2)
+        # a first image pays for its graphs' first runs (memory first touched): a server that has run a while does not
+        scheduler.generate(prompt="warm up", images=[synthetic_image(args.image_size, seed=1000)], max_new_tokens=2)
         budget = 4096  # outlasts the image's prefill; the streams are cancelled once it is done
         texts = [
             scheduler.submit(Request.build(prompt=_text_prompt(pipeline, c, 64), max_new_tokens=budget, min_new_tokens=budget))
@@ -216,6 +219,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--turns", type=int, default=3, help="turns per conversation (default 3)")
     parser.add_argument("--turn-tokens", type=int, default=16, help="tokens per answer in the replay (default 16)")
     parser.add_argument("--threads", type=int, default=2, help="intra-op threads (default 2)")
+    parser.add_argument(
+        "--vision-segments",
+        type=int,
+        default=CPU_VISION_SEGMENTS,
+        help="segments of the vision graph (default %(default)s, llava-serve's on the CPU)",
+    )
     parser.add_argument("--precision", help="the bundle's precision to run (default: the runtime's choice)")
     parser.add_argument("--form", choices=("standard", "onnxruntime"), help="the variants' form (default: the runtime's choice)")
     parser.add_argument("--json", type=Path, help="write every figure here")
@@ -224,7 +233,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _bench(args) -> int:
-    pipeline = Pipeline.load(args.bundle, threads=args.threads, precision=args.precision, form=args.form)
+    pipeline = Pipeline.load(
+        args.bundle, threads=args.threads, precision=args.precision, form=args.form, vision_segments=args.vision_segments
+    )
     say(f"{args.bundle.name}: {pipeline.selection.describe()}, {args.threads} threads")
     results = {"bundle": str(args.bundle), "precision": pipeline.selection.precision, "threads": args.threads}
     results["load"] = [measure_load(pipeline, int(c), args) for c in args.clients.split(",")]

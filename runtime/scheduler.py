@@ -2,10 +2,10 @@
 
 A `Scheduler` owns `max_concurrency` slots, each one row of the decoder's batch with its own KV length, positions,
 search options, random generator, stop strings, token budget and text stream. A background thread repeats: admit
-waiting requests into free slots, run one decode step over every decoding slot, then feed one request's prompt by
-one chunk of `prefill_chunk` tokens. A new request's images and videos go through the vision graphs on a thread of
-their own meanwhile, so neither a long prompt nor a large image stalls the running streams for its whole prefill:
-they are slowed by one chunk per step and by sharing the CPU (or GPU) with the vision graphs.
+waiting requests into free slots, run one decode step over every decoding slot, then advance one request's prefill
+by one unit: one vision-side graph run (`Pipeline.feature_steps`; with vision segments, one segment over one tile)
+or one chunk of `prefill_chunk` prompt tokens. So neither a long prompt nor a large image stalls the running
+streams for its whole prefill: each of their tokens waits for at most one unit.
 
 Each slot keeps the keys and values of its last request after it ends. A new request starts in the slot holding the
 longest prefix of its prompt (same tokens, same images at the same places), or has that prefix copied from a busy
@@ -25,7 +25,6 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Generator, Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from queue import SimpleQueue
 
@@ -156,8 +155,7 @@ class Slot:
 
     index: int
     completion: Completion | None = None
-    prefill: Generator[Future | None, None, None] | None = None  # the request's prefill, one unit per step; None once decoding
-    waiting: Future | None = None  # the image features its prefill waits for
+    prefill: Generator[None, None, None] | None = None  # the request's prefill, one unit per step; None once decoding
     prompt_left: int = 0  # prompt tokens its prefill has still to write: the cache keeps room for them
     stream: TextStream | None = None
     rng: np.random.Generator | None = None
@@ -201,7 +199,6 @@ class Scheduler:
         self._wake = threading.Condition()
         self._closing = False
         self._thread: threading.Thread | None = None
-        self._vision = ThreadPoolExecutor(1, thread_name_prefix="llava-rt-vision")
         self.prefix_cache_hits = self.prefix_cache_tokens = self.generated_tokens = 0
 
     # ---- the caller's side ---------------------------------------------------------------------------------
@@ -262,7 +259,6 @@ class Scheduler:
             self._wake.notify()
         if self._thread is not None:
             self._thread.join()
-        self._vision.shutdown()
         for slot in self.slots:
             if slot.completion is not None:
                 self._finish(slot, "abort")
@@ -294,15 +290,12 @@ class Scheduler:
             if decoding:
                 self._guarded(decoding, self._decode_step)
             prefilling = [slot for slot in self.slots if slot.prefill is not None]
-            ready = [slot for slot in prefilling if slot.waiting is None or slot.waiting.done()]
-            if ready:
-                self._guarded([min(ready, key=lambda slot: slot.completion.created)], self._prefill_step)
-            elif prefilling and not decoding:
-                wait([slot.waiting for slot in prefilling], timeout=0.1, return_when=FIRST_COMPLETED)
+            if prefilling:
+                self._guarded([min(prefilling, key=lambda slot: slot.completion.created)], self._prefill_step)
 
     def _prefill_step(self, slots: list[Slot]) -> None:
-        """Advance one request's prefill by one unit (it may stop to wait for its image features)."""
-        slots[0].waiting = next(slots[0].prefill, None)
+        """Advance the oldest request's prefill by one unit."""
+        next(slots[0].prefill, None)
 
     def _admit(self) -> list[Slot]:
         """Drop cancelled waiting requests and move the others into free slots (under the lock); the slots taken."""
@@ -379,7 +372,7 @@ class Scheduler:
                 if slot.completion is not None:
                     self._finish(slot, "error", exc)
 
-    def _prefill(self, slot: Slot) -> Generator[Future | None, None, None]:
+    def _prefill(self, slot: Slot) -> Generator[None, None, None]:
         """The request's prefill as steps: its media features (skipping media inside the reused prefix), then its
         prompt in chunks after the reused prefix; the last chunk's logits give the first token."""
         pipeline, prepared = self.pipeline, slot.completion.prepared
@@ -387,11 +380,8 @@ class Scheduler:
         spans = self._media_spans(prepared)
         needed = [i for i, (_, stop) in enumerate(spans) if stop > reused]
         computed = []
-        if needed:  # on the vision thread, while this generator yields its future to the loop
-            vision = self._vision.submit(pipeline.features, [prepared.media[i] for i in needed], self.feature_cache)
-            while not vision.done():
-                yield vision
-            computed = vision.result()
+        if needed:
+            computed = yield from pipeline.feature_steps([prepared.media[i] for i in needed], self.feature_cache)
         hidden = pipeline.embed_tokens.shape[1]
         features = [np.zeros((m.num_tokens, hidden), pipeline.embeds_dtype) for m in prepared.media]
         for i, value in zip(needed, computed):
@@ -509,6 +499,6 @@ class Scheduler:
             text += slot.stream.flush() if slot.stream is not None else ""
         if reason in ("abort", "error") and slot.prefill is not None:
             slot.prefill.close()
-        slot.completion, slot.prefill, slot.waiting, slot.stream, slot.prompt_left = None, None, None, None, 0
+        slot.completion, slot.prefill, slot.stream, slot.prompt_left = None, None, None, 0
         slot.freed_at = time.monotonic()
         completion._emit(Event(text, tokens, time.monotonic(), reason, error))

@@ -38,6 +38,7 @@ def load_engine(config: ServeConfig) -> Engine:
         precision=config.precision,
         device=config.device,
         max_image_pixels=config.max_image_pixels,
+        vision_segments=config.segments,
     )
     scheduler = Scheduler(
         pipeline,

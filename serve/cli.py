@@ -18,9 +18,9 @@ from llava_rt.runtime.errors import InputError
 from llava_rt.runtime.manifest_schema import PRECISIONS
 from llava_rt.runtime.request import check_positive_int
 
-from .config import ClusterConfig, ServeConfig
+from .config import CPU_VISION_SEGMENTS, ClusterConfig, ServeConfig
 
-SERVE_EXTRA = ("serve", ("fastapi", "uvicorn", "prometheus_client", "pydantic"))
+SERVE_EXTRA = ("serve", ("fastapi", "uvicorn", "prometheus_client", "pydantic", "onnx"))
 API_KEY_VARIABLE = "LLAVA_SERVE_API_KEY"
 GRACEFUL_SHUTDOWN_S = 10  # on SIGINT/SIGTERM, running requests get this long to finish before they are cancelled
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
@@ -89,6 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="prompt tokens prefilled per step between decode steps (default: %(default)s)",
     )
     parser.add_argument(
+        "--vision-segments",
+        type=int,
+        metavar="N",
+        help="run the vision graph as N segments, decode steps between them, so a new image stalls the running streams "
+        f"for one segment at a time (default: {CPU_VISION_SEGMENTS} on --device cpu, 1 on a GPU)",
+    )
+    parser.add_argument(
         "--feature-cache-mb",
         type=float,
         default=ServeConfig.feature_cache_mb,
@@ -128,8 +135,9 @@ def _config(args: argparse.Namespace) -> ServeConfig:
         raise InputError(f"--port must be in 1..65535, got {args.port}")
     for name in ("max_concurrency", "max_image_pixels", "max_request_bytes", "prefill_chunk"):
         check_positive_int(f"--{name.replace('_', '-')}", getattr(args, name))
-    if args.threads is not None:
-        check_positive_int("--threads", args.threads)
+    for name in ("threads", "vision_segments"):
+        if getattr(args, name) is not None:
+            check_positive_int(f"--{name.replace('_', '-')}", getattr(args, name))
     if args.max_queue < 0:
         raise InputError(f"--max-queue must be an integer >= 0, got {args.max_queue}")
     if not args.feature_cache_mb >= 0:
@@ -153,6 +161,7 @@ def _config(args: argparse.Namespace) -> ServeConfig:
         allowed_local_media_path=media,
         prefill_chunk=args.prefill_chunk,
         feature_cache_mb=args.feature_cache_mb,
+        vision_segments=args.vision_segments,
     )
 
 

@@ -192,12 +192,13 @@ def test_slot_cache_prefixes_copies_and_capacity():
 
 
 def test_a_failing_request_ends_with_its_error_and_the_others_go_on(pipeline, monkeypatch):
-    def broken_vision(media, cache=None):
+    def broken_vision(media, cache=None):  # fails at its second graph run
+        yield
         raise BundleError("the vision graph failed")
 
     with Scheduler(pipeline, max_concurrency=2) as scheduler:
         text = scheduler.submit(Request.build(prompt="Keep going.", max_new_tokens=12))
-        monkeypatch.setattr(pipeline, "features", broken_vision)
+        monkeypatch.setattr(pipeline, "feature_steps", broken_vision)
         failing = scheduler.submit(Request.build(prompt="What is it?", images=[random_image(40, 40)], max_new_tokens=4))
         with pytest.raises(BundleError, match="vision graph failed"):
             list(failing)

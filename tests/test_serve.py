@@ -543,6 +543,7 @@ def test_a_generation_that_fails_or_is_aborted(tmp_path, reason):
     [
         (["--port", "70000"], "--port must be in 1..65535, got 70000"),
         (["--max-concurrency", "0"], "--max-concurrency must be a positive integer"),
+        (["--vision-segments", "0"], "--vision-segments must be a positive integer"),
         (["--allowed-local-media-path", "/no/such/dir"], "--allowed-local-media-path: no such directory"),
         (["--autoscale", "1:2"], "--autoscale needs --replicas"),
         (["--replicas", "0"], "--replicas must be a positive integer"),
