@@ -199,7 +199,7 @@ class Bundle:
         for index, segment in enumerate(segments):  # each loaded before the next is serialized
             name = f"{entry['file']} (segment {index + 1})"
             engine_cache = self.path / "engines" / f"{config.backend}-{config.device}"
-            sessions.append(OnnxRuntimeSession(segment.model, config, entry["precision"], engine_cache, name))
+            sessions.append(OnnxRuntimeSession(segment.model, config, entry["precision"], engine_cache, name, stop_spinning=True))
             reads.append(segment.inputs)
         whole = SegmentedGraph(reads, sessions, outputs)
         for kind in ("inputs", "outputs"):

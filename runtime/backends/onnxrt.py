@@ -103,9 +103,9 @@ class OnnxRuntimeSession:
     `BundleError`s naming the graph; a device whose provider is missing or does not start, `BackendUnavailable`
     (never a silent run on the CPU). `source` is a file, or a serialized model named `name`.
 
-    The intra-op threads spin between the operators of a run and stop when it ends: each session has its own
-    threads, and those of a session that has just run would otherwise spin on the cores the next session runs on
-    (the scheduler alternates the decoder with vision segments: each segment took twice as long)."""
+    Each session has its own intra-op threads, which spin for a while after a run, ready for the next. With
+    `stop_spinning` they stop when a run ends: for sessions that take turns with others on the same cores (a
+    graph's segments between decode steps), whose spinning threads would slow the next session's run."""
 
     def __init__(
         self,
@@ -114,6 +114,7 @@ class OnnxRuntimeSession:
         precision: str = "fp32",
         engine_cache: Path | None = None,
         name: str | None = None,
+        stop_spinning: bool = False,
     ):
         import onnxruntime as ort
 
@@ -123,7 +124,8 @@ class OnnxRuntimeSession:
         options.inter_op_num_threads = 1
         if config.threads:
             options.intra_op_num_threads = config.threads
-        options.add_session_config_entry("session.force_spinning_stop", "1")
+        if stop_spinning:
+            options.add_session_config_entry("session.force_spinning_stop", "1")
         self.name = name or source.name
         chosen = providers(config, precision, engine_cache)
         self.arrays = CudaArrays() if config.device != "cpu" else HostArrays()
