@@ -5,7 +5,8 @@ search options, random generator, stop strings, token budget and text stream. A 
 waiting requests into free slots, run one decode step over every decoding slot, then advance one request's prefill
 by one unit: one vision-side graph run (`Pipeline.feature_steps`; with vision segments, one segment over one tile)
 or one chunk of `prefill_chunk` prompt tokens. So neither a long prompt nor a large image stalls the running
-streams for its whole prefill: each of their tokens waits for at most one unit.
+streams for its whole prefill: each of their tokens waits for at most one unit. On the CPU, load the pipeline with
+`vision_segments` (as llava-serve does): a whole vision run is one unit otherwise.
 
 Each slot keeps the keys and values of its last request after it ends. A new request starts in the slot holding the
 longest prefix of its prompt (same tokens, same images at the same places), or has that prefix copied from a busy
