@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import stat
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from .backends import BackendConfig, Session, TensorSpec, open_session
 from .chat import ChatTemplate
 from .console import progress
 from .errors import BundleError, InputError
-from .graph_segments import SegmentedGraph, split_graph
+from .graph_segments import SegmentedGraph, release_freed_memory, split_graph
 from .manifest_schema import REEXPORT_ADVICE, check_manifest
 from .stamps import RACY_NS, read_stamps, stamp, write_stamps
 from .tokenizer import Tokenizer
@@ -195,12 +196,20 @@ class Bundle:
         if entry.get("external_data"):
             self.file(entry["external_data"])  # onnx reads it itself
         outputs, segments = split_graph(self.file(entry["file"]), count)
+        engine_cache = self.path / "engines" / f"{config.backend}-{config.device}"
         reads, sessions = [], []
-        for index, segment in enumerate(segments):  # each loaded before the next is serialized
-            name = f"{entry['file']} (segment {index + 1})"
-            engine_cache = self.path / "engines" / f"{config.backend}-{config.device}"
-            sessions.append(OnnxRuntimeSession(segment.model, config, entry["precision"], engine_cache, name, stop_spinning=True))
-            reads.append(segment.inputs)
+        # Each segment is loaded from a file, as the whole graph is: onnxruntime keeps a copy of the weights of a
+        # model given as bytes (400 MB more for OneVision's int8 SigLIP). The files go once they are loaded.
+        with tempfile.TemporaryDirectory(prefix="llava-rt-segments-") as directory:
+            for index, segment in enumerate(segments):  # each loaded before the next is serialized
+                path = Path(directory) / f"{graph}.{index}.onnx"
+                path.write_bytes(segment.model)
+                name = f"{entry['file']} (segment {index + 1})"
+                sessions.append(OnnxRuntimeSession(path, config, entry["precision"], engine_cache, name, stop_spinning=True))
+                path.unlink()
+                reads.append(segment.inputs)
+        del segments, segment  # the whole graph as read by onnx, and the last segment
+        release_freed_memory()
         whole = SegmentedGraph(reads, sessions, outputs)
         for kind in ("inputs", "outputs"):
             mismatch = _io_mismatch(entry[kind], getattr(whole, kind))

@@ -11,6 +11,7 @@ Needs the `onnx` package (the `serve` extra); the runtime imports this module on
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -162,6 +163,16 @@ class SegmentedGraph:
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return run_steps(self.steps(feeds))
+
+
+def release_freed_memory() -> None:
+    """Give the memory freed since (the whole graph as onnx read it) back to the system. glibc's malloc keeps it for
+    the process otherwise: 2.2 GB of resident memory for OneVision's fp32 SigLIP, 0.3 GB for its int8 one. Elsewhere
+    than on glibc this does nothing."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def run_steps(steps):

@@ -101,7 +101,7 @@ class OnnxRuntimeSession:
     """An ONNX graph run by onnxruntime: every graph optimization, sequential execution on `threads` intra-op threads
     (onnxruntime's default: one per physical core), on `config.device`. Errors while loading or running become
     `BundleError`s naming the graph; a device whose provider is missing or does not start, `BackendUnavailable`
-    (never a silent run on the CPU). `source` is a file, or a serialized model named `name`.
+    (never a silent run on the CPU). `name` names the graph in errors (default: the file's name).
 
     Each session has its own intra-op threads, which spin for a while after a run, ready for the next. With
     `stop_spinning` they stop when a run ends: for sessions that take turns with others on the same cores (a
@@ -109,7 +109,7 @@ class OnnxRuntimeSession:
 
     def __init__(
         self,
-        source: Path | bytes,
+        path: Path,
         config: BackendConfig,
         precision: str = "fp32",
         engine_cache: Path | None = None,
@@ -126,12 +126,12 @@ class OnnxRuntimeSession:
             options.intra_op_num_threads = config.threads
         if stop_spinning:
             options.add_session_config_entry("session.force_spinning_stop", "1")
-        self.name = name or source.name
+        self.name = name or path.name
         chosen = providers(config, precision, engine_cache)
         self.arrays = CudaArrays() if config.device != "cpu" else HostArrays()
         self.array_module = self.arrays.module
         try:
-            self._session = ort.InferenceSession(source if isinstance(source, bytes) else str(source), options, providers=chosen)
+            self._session = ort.InferenceSession(str(path), options, providers=chosen)
         except Exception as exc:  # onnxruntime raises its own untyped errors for bad graphs and bad provider options
             raise BundleError(f"onnxruntime cannot load {self.name}: {onnxruntime_message(exc)}") from None
         provider = chosen[0][0]
