@@ -6,7 +6,7 @@ Segments are cut between nodes where few tensors cross (one, the hidden state, b
 about the same weight in each. Nodes computed from weights alone (a quantized graph's DequantizeLinear of each
 weight) are copied into the segments that use them, so no weight crosses a cut.
 
-Needs the `onnx` package (the `serve` extra); the runtime imports this module only when segments are asked for.
+Splitting needs the `onnx` package (the `serve` extra), imported only when a graph is split.
 """
 
 from __future__ import annotations
@@ -23,11 +23,10 @@ from .errors import BackendUnavailable, BundleError
 
 @dataclass(frozen=True)
 class Segment:
-    """One segment: its serialized model, the tensors it reads (earlier segments' or the graph's inputs) and writes."""
+    """One segment: its serialized model and the tensors it reads (earlier segments' outputs or the graph's inputs)."""
 
     model: bytes
     inputs: tuple[str, ...]
-    outputs: tuple[str, ...]
 
 
 def _onnx():
@@ -90,7 +89,7 @@ def split_graph(path: Path, count: int) -> tuple[list[str], Iterator[Segment]]:
                 [weights[name] for name in sorted(used)],
             )
             part_model = onnx.helper.make_model(part, opset_imports=model.opset_import, ir_version=model.ir_version)
-            yield Segment(part_model.SerializeToString(), tuple(reads), tuple(writes))
+            yield Segment(part_model.SerializeToString(), tuple(reads))
 
     return outputs, serialized()
 
@@ -166,9 +165,9 @@ class SegmentedGraph:
 
 
 def release_freed_memory() -> None:
-    """Give the memory freed since (the whole graph as onnx read it) back to the system. glibc's malloc keeps it for
-    the process otherwise: 2.2 GB of resident memory for OneVision's fp32 SigLIP, 0.3 GB for its int8 one. Elsewhere
-    than on glibc this does nothing."""
+    """Give freed memory back to the system (after a split: the whole graph as onnx read it). glibc's malloc keeps it
+    for the process otherwise: 2.2 GB of resident memory for OneVision's fp32 SigLIP, 0.3 GB for its int8 one. Does
+    nothing where the C library is not glibc."""
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
