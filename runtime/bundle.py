@@ -11,7 +11,6 @@ import hashlib
 import json
 import os
 import stat
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ from .backends import BackendConfig, Session, TensorSpec, open_session
 from .chat import ChatTemplate
 from .console import progress
 from .errors import BundleError, InputError
-from .graph_segments import SegmentedGraph, release_freed_memory, split_graph
+from .graph_segments import SegmentedGraph, load_segmented
 from .manifest_schema import REEXPORT_ADVICE, check_manifest
 from .stamps import RACY_NS, read_stamps, stamp, write_stamps
 from .tokenizer import Tokenizer
@@ -111,6 +110,15 @@ def _io_mismatch(declared: list[dict[str, Any]], actual: list[TensorSpec]) -> st
     return None
 
 
+def _as_declared(entry: dict[str, Any], graph):
+    """`graph` (a session, or a graph in segments), refused unless its inputs and outputs are the manifest's."""
+    for kind in ("inputs", "outputs"):
+        mismatch = _io_mismatch(entry[kind], getattr(graph, kind))
+        if mismatch:
+            raise BundleError(f"graph {entry['file']} does not match the manifest's {kind}: {mismatch}; {REEXPORT_ADVICE}")
+    return graph
+
+
 @dataclass(frozen=True)
 class Bundle:
     """A loaded, verified bundle: its resolved directory and checked manifest. Its files are opened only
@@ -178,14 +186,9 @@ class Bundle:
         entry = self.variant(graph, variant)
         if entry.get("external_data") and plan is None:
             self.file(entry["external_data"])  # onnxruntime opens it itself
-        engine_cache = self.path / "engines" / f"{config.backend}-{config.device}"
         source = plan if plan is not None else self.file(entry["file"])
-        session = open_session(source, config, precision=entry["precision"], engine_cache=engine_cache)
-        for kind in ("inputs", "outputs"):
-            mismatch = _io_mismatch(entry[kind], getattr(session, kind))
-            if mismatch:
-                raise BundleError(f"graph {entry['file']} does not match the manifest's {kind}: {mismatch}; {REEXPORT_ADVICE}")
-        return session
+        session = open_session(source, config, precision=entry["precision"], engine_cache=self._engine_cache(config))
+        return _as_declared(entry, session)
 
     def segmented(self, graph: str, variant: str, config: BackendConfig, count: int) -> SegmentedGraph:
         """A graph variant split into at most `count` segments (see `graph_segments`), each loaded with onnxruntime as
@@ -195,27 +198,16 @@ class Bundle:
         entry = self.variant(graph, variant)
         if entry.get("external_data"):
             self.file(entry["external_data"])  # onnx reads it itself
-        outputs, segments = split_graph(self.file(entry["file"]), count)
-        engine_cache = self.path / "engines" / f"{config.backend}-{config.device}"
-        reads, sessions = [], []
-        # Each segment is loaded from a file, as the whole graph is: onnxruntime keeps a copy of the weights of a
-        # model given as bytes (400 MB more for OneVision's int8 SigLIP). The files go once they are loaded.
-        with tempfile.TemporaryDirectory(prefix="llava-rt-segments-") as directory:
-            for index, segment in enumerate(segments):  # each loaded before the next is serialized
-                path = Path(directory) / f"{graph}.{index}.onnx"
-                path.write_bytes(segment.model)
-                name = f"{entry['file']} (segment {index + 1})"
-                sessions.append(OnnxRuntimeSession(path, config, entry["precision"], engine_cache, name, stop_spinning=True))
-                path.unlink()
-                reads.append(segment.inputs)
-        del segments, segment  # the whole graph as read by onnx, and the last segment
-        release_freed_memory()
-        whole = SegmentedGraph(reads, sessions, outputs)
-        for kind in ("inputs", "outputs"):
-            mismatch = _io_mismatch(entry[kind], getattr(whole, kind))
-            if mismatch:
-                raise BundleError(f"graph {entry['file']} does not match the manifest's {kind}: {mismatch}; {REEXPORT_ADVICE}")
-        return whole
+
+        def open_segment(path: Path, index: int) -> OnnxRuntimeSession:
+            name = f"{entry['file']} (segment {index + 1})"
+            return OnnxRuntimeSession(path, config, entry["precision"], self._engine_cache(config), name, stop_spinning=True)
+
+        return _as_declared(entry, load_segmented(self.file(entry["file"]), count, open_segment))
+
+    def _engine_cache(self, config: BackendConfig) -> Path:
+        """Where engines compiled on first use (onnxruntime's TensorRT provider) are cached for `config`."""
+        return self.path / "engines" / f"{config.backend}-{config.device}"
 
     def tokenizer(self) -> Tokenizer:
         """The bundle's tokenizer."""

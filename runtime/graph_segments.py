@@ -12,12 +12,14 @@ Splitting needs the `onnx` package (the `serve` extra), imported only when a gra
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Iterator
+import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from .backends import Session
 from .errors import BackendUnavailable, BundleError
 
 
@@ -164,7 +166,25 @@ class SegmentedGraph:
         return run_steps(self.steps(feeds))
 
 
-def release_freed_memory() -> None:
+def load_segmented(path: Path, count: int, open_segment: Callable[[Path, int], Session]) -> SegmentedGraph:
+    """`path`'s graph split into at most `count` segments, each loaded by `open_segment(file, index)` from a file
+    of its own, as a whole graph is: onnxruntime keeps a copy of the weights of a model given as bytes (400 MB more
+    for OneVision's int8 SigLIP). The files go once they are loaded."""
+    outputs, segments = split_graph(path, count)
+    reads, sessions = [], []
+    with tempfile.TemporaryDirectory(prefix="llava-rt-segments-") as directory:
+        for index, segment in enumerate(segments):  # each loaded before the next is serialized
+            file = Path(directory) / f"segment{index}.onnx"
+            file.write_bytes(segment.model)
+            sessions.append(open_segment(file, index))
+            file.unlink()
+            reads.append(segment.inputs)
+    del segments, segment  # the whole graph as read by onnx, and the last segment
+    _release_freed_memory()
+    return SegmentedGraph(reads, sessions, outputs)
+
+
+def _release_freed_memory() -> None:
     """Give freed memory back to the system (after a split: the whole graph as onnx read it). glibc's malloc keeps it
     for the process otherwise: 2.2 GB of resident memory for OneVision's fp32 SigLIP, 0.3 GB for its int8 one. Does
     nothing where the C library is not glibc."""

@@ -18,7 +18,7 @@ from llava_rt.export.static_int8 import FORMS, QUANTIZED_OPS, TileInputs, quanti
 from llava_rt.runtime import ExportError
 from llava_rt.runtime.backends import BackendConfig
 from llava_rt.runtime.backends.onnxrt import OnnxRuntimeSession
-from llava_rt.runtime.graph_segments import SegmentedGraph, split_graph
+from llava_rt.runtime.graph_segments import load_segmented
 
 FAMILIES = ("next", "onevision", "next_video")
 
@@ -98,7 +98,7 @@ def test_both_forms_run_fused_on_the_cpu_without_nan(family):
         assert embeds.shape[:2] == features.shape[:2] == (2, features.shape[1])
 
 
-def test_both_forms_split_into_segments_give_the_same_features(family, tmp_path):
+def test_both_forms_split_into_segments_give_the_same_features(family):
     """The server runs the vision graph as segments (`graph_segments`): a quantized graph's DequantizeLinear of each
     weight is copied into the segments that use it rather than passed between them, and the output is the whole
     graph's, bit for bit."""
@@ -108,15 +108,10 @@ def test_both_forms_split_into_segments_give_the_same_features(family, tmp_path)
         graph = onnx.load(path).graph
         weights = {tensor.name for tensor in graph.initializer}
         dequantized = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in weights}
-        outputs, segments = split_graph(path, 3)
-        segments = list(segments)
-        files = [tmp_path / f"{form}.{i}.onnx" for i in range(len(segments))]
-        for file, segment in zip(files, segments):
-            file.write_bytes(segment.model)
-        sessions = [OnnxRuntimeSession(file, BackendConfig()) for file in files]
-        got = SegmentedGraph([s.inputs for s in segments], sessions, outputs).run({"pixel_values": tile})["image_features"]
-        assert dequantized and len(segments) == 3, form
-        assert not dequantized & {name for segment in segments for name in segment.inputs}, form
+        segmented = load_segmented(path, 3, lambda file, index: OnnxRuntimeSession(file, BackendConfig()))
+        got = segmented.run({"pixel_values": tile})["image_features"]
+        assert dequantized and len(segmented.reads) == 3, form
+        assert not dequantized & {name for names in segmented.reads for name in names}, form
         assert np.array_equal(got, run_graph(open_graph(path), {"pixel_values": tile}, "image_features")), form
 
 
