@@ -152,12 +152,22 @@ class Pipeline:
         """The dtype the running variant of `graph` takes for its input `name`, as the manifest records it."""
         return self.bundle.input_dtype(graph, name, self.selection.variants[graph])
 
-    def _run_graph(self, graph: str, name: str, values: np.ndarray) -> np.ndarray:
-        """The one output of a one-input graph over `values` in slices of `tile_batch` along the first axis, its
-        input cast to the dtype the running variant takes."""
-        session, dtype = self.sessions[graph], self.input_dtype(graph, name)
-        chunks = (values[i : i + self.tile_batch].astype(dtype, copy=False) for i in range(0, len(values), self.tile_batch))
-        outputs = [next(iter(session.run({name: chunk}).values())) for chunk in chunks]
+    def _graph_steps(self, graph: str, name: str, values: np.ndarray):
+        """The one output of a one-input graph over `values`, its input cast to the dtype the running variant takes,
+        in runs of `tile_batch` along the first axis (the vision graph in segments: each tile through each segment).
+        Yields after each run; a progress bar over the vision runs when `show_progress`."""
+        segmented = self.vision if graph == "vision" else None
+        step = 1 if segmented is not None else self.tile_batch
+        dtype = self.input_dtype(graph, name)
+        starts = progress(range(0, len(values), step), desc=graph, unit="batch", enabled=self.show_progress and graph == "vision")
+        outputs = []
+        for i in starts:
+            feeds = {name: values[i : i + step].astype(dtype, copy=False)}
+            if segmented is not None:
+                outputs.extend((yield from segmented.steps(feeds)).values())
+            else:
+                outputs.extend(self.sessions[graph].run(feeds).values())
+                yield
         return outputs[0] if len(outputs) == 1 else np.concatenate(outputs)
 
     # ---- request preparation -------------------------------------------------------------------------
@@ -250,44 +260,26 @@ class Pipeline:
         return found
 
     def _feature_steps(self, media: list[Media]):
-        """Vision runs of `tile_batch` tiles and frames over all media (or of each tile through each segment);
-        NeXT-Video frames then go through the `video_pool` graph; the projector runs once per distinct token count
-        (tiles, pooled frames). Yields after each run."""
+        """The vision graph over every tile and frame of all media; NeXT-Video frames then go through the `video_pool`
+        graph; the projector runs once per distinct token count (tiles, pooled frames). Yields after each run."""
         if not media:
             return []
         pixels = np.concatenate([m.pixels for m in media])
-        selected = yield from self._vision_steps(pixels)
+        selected = yield from self._graph_steps("vision", "pixel_values", pixels)
         bounds = np.cumsum([0] + [len(m.pixels) for m in media])
         parts = [selected[start:stop] for start, stop in zip(bounds[:-1], bounds[1:])]
         for index, item in enumerate(media):
             if item.kind == "video" and self.media.pools_before_projector:
-                parts[index] = self._run_graph("video_pool", "image_features", parts[index])
-                yield
+                parts[index] = yield from self._graph_steps("video_pool", "image_features", parts[index])
         projected: list[np.ndarray | None] = [None] * len(parts)
         for tokens in {part.shape[1] for part in parts}:
             group = [i for i, part in enumerate(parts) if part.shape[1] == tokens]
-            embeds = self._run_graph("projector", "image_features", np.concatenate([parts[i] for i in group]))
-            yield
+            embeds = yield from self._graph_steps("projector", "image_features", np.concatenate([parts[i] for i in group]))
             embeds = embeds.astype(self.embeds_dtype, copy=False)
             starts = np.cumsum([0] + [len(parts[i]) for i in group])
             for i, start, stop in zip(group, starts[:-1], starts[1:]):
                 projected[i] = embeds[start:stop]
         return [self.media.features(item, embeds) for item, embeds in zip(media, projected)]
-
-    def _vision_steps(self, pixels: np.ndarray):
-        """The vision graph's output over `pixels`: in runs of `tile_batch` tiles, or each tile through each of the
-        vision segments. Yields after each run."""
-        dtype = self.input_dtype("vision", "pixel_values")
-        step = 1 if self.vision is not None else self.tile_batch
-        outputs = []
-        for i in progress(range(0, len(pixels), step), desc="vision", unit="batch", enabled=self.show_progress):
-            feeds = {"pixel_values": pixels[i : i + step].astype(dtype, copy=False)}
-            if self.vision is not None:
-                outputs.extend((yield from self.vision.steps(feeds)).values())
-            else:
-                outputs.extend(self.sessions["vision"].run(feeds).values())
-                yield
-        return outputs[0] if len(outputs) == 1 else np.concatenate(outputs)
 
     def _inputs_embeds(self, requests: list[PreparedRequest], features: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """Left-padded `[B, S, H]` embeddings with image and video features over their tokens, and the mask."""
