@@ -76,8 +76,10 @@ def _configure_logging(prog: str, verbose: bool) -> None:
             logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def _raise_interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt
+class Interrupted(KeyboardInterrupt):
+    """What Ctrl-C, SIGTERM and SIGHUP raise inside a command. A subclass on purpose: when exactly
+    `KeyboardInterrupt` leaves a string `eval` (sympy's, under torch.export), CPython later ends a `python -m`
+    process with SIGINT, whatever status the command returned."""
 
 
 def run_command(
@@ -87,26 +89,38 @@ def run_command(
     extra: tuple[str, Sequence[str]] | None = None,
 ) -> int:
     """Parse `argv`, check the extra (`(name, modules)`), run `body(args)` and turn every expected failure into
-    one line on stderr: `LlavaRtError` exits 2; Ctrl-C, SIGTERM and SIGHUP exit 130 (through `KeyboardInterrupt`,
-    so `finally` blocks and temporary-directory cleanup run); a closed stdout exits 141 silently."""
+    one line on stderr: `LlavaRtError` exits 2; Ctrl-C, SIGTERM and SIGHUP exit 130 (through `Interrupted`, a
+    `KeyboardInterrupt`, so `finally` blocks and temporary-directory cleanup run); a closed stdout exits 141 silently."""
     prog = parser.prog
     args = parser.parse_args(argv)
     _configure_logging(prog, getattr(args, "verbose", False))
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    previous = {sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)} if in_main_thread else {}
+    received: list[int] = []
+
+    def interrupt(signum, frame) -> None:
+        received.append(signum)
+        raise Interrupted
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():  # a signal ignored on purpose (`nohup`, `cmd &`) stays so
+        caught = [sig for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP) if signal.getsignal(sig) != signal.SIG_IGN]
+        previous = {sig: signal.signal(sig, interrupt) for sig in caught}
     try:
         if extra is not None:
             require_extra(*extra)
         return body(args)
-    except LlavaRtError as exc:
-        print(f"{prog}: error: {one_line(exc)}", file=sys.stderr)
-        return EXIT_ERROR
-    except KeyboardInterrupt:
-        print(f"\n{prog}: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
     except BrokenPipeError:  # the reader of stdout went away (`| head`): stop quietly, as a SIGPIPE would
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the interpreter's final flush is silent
         return EXIT_BROKEN_PIPE
+    except BaseException as exc:
+        # after a signal, whatever ended the body is the interruption: a library may have turned it into its own
+        # error (torch's argument parser reports a TypeError, which the export reports as a failed graph)
+        if received or isinstance(exc, KeyboardInterrupt):
+            print(f"\n{prog}: interrupted", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        if isinstance(exc, LlavaRtError):
+            print(f"{prog}: error: {one_line(exc)}", file=sys.stderr)
+            return EXIT_ERROR
+        raise
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
