@@ -252,21 +252,26 @@ def nv_variant(request, next_video) -> Variant:
     return next_video[request.param]
 
 
-def in_place_pipeline(variant: Variant, directory: Path):
+def in_place_pipeline(variant: Variant, directory: Path, int8_activations: bool = False):
     """`variant`'s pipeline with its fp32 decoder rewritten with GroupQueryAttention, the form of the onnxruntime copies
     (`export/group_query_attention.py`), run in place of the decoder: the exact reference rewritten, so transformers
-    stays its oracle."""
+    stays its oracle. `int8_activations`: the decoder of the int8 onnxruntime copy instead (its weight MatMuls
+    quantized per token first, `export/int8_activations.py`)."""
     import json
     import shutil
 
     from llava_rt.export.group_query_attention import write_group_query_attention
+    from llava_rt.export.int8_activations import write_int8_activations
     from llava_rt.runtime.backends import open_session
 
     manifest = json.loads((variant.bundle / "manifest.json").read_text())
     for path in variant.bundle.glob("decoder.onnx*"):  # the graph and its external data, read by the rewritten graph
         shutil.copyfile(path, directory / path.name)
+    source = directory / "decoder.onnx"
+    if int8_activations:
+        source = write_int8_activations(source, directory / "decoder.int8.onnx")
     kv_cache, windows = manifest["graphs"]["decoder"]["kv_cache"], manifest["text"]["sliding_windows"]
-    rewritten = write_group_query_attention(directory / "decoder.onnx", directory / "decoder.gqa.onnx", kv_cache, windows)
+    rewritten = write_group_query_attention(source, directory / "decoder.gqa.onnx", kv_cache, windows)
     pipeline = variant.pipeline()
     pipeline.sessions["decoder"] = open_session(rewritten)
     return pipeline

@@ -16,7 +16,7 @@ from conftest import random_image
 from llava_rt.engines.tensorrt_check import check_graphs
 from llava_rt.export.exporter import export_bundle
 from llava_rt.export.fusion import fuse_decoder
-from llava_rt.export.weight_only import weight_matmuls
+from llava_rt.export.weight_quantization import weight_matmuls
 from llava_rt.runtime import Pipeline
 
 # A Llama-style layer's seven projections: Q/K/V as one MatMul, O, gate/up as one, down; lm_head after the layers.

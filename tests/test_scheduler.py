@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import random_image
+from conftest import in_place_pipeline, random_image
 from llava_rt.runtime import BundleError, InputError, QueueFull, Request, SchedulerClosed
 from llava_rt.runtime.kv_cache import MIN_SLOT_CAPACITY, SlotKVCache
 from llava_rt.runtime.scheduler import Scheduler
@@ -33,13 +33,22 @@ def both_decoders(request, pipelines, in_place_pipelines):
     return (pipelines if request.param == "masked cache" else in_place_pipelines)["mistral"]
 
 
+@pytest.fixture(scope="module", params=["masked cache", "cache written in place", "int8 activations"])
+def batched_decoders(request, pipelines, in_place_pipelines, variants, tmp_path_factory):
+    """`both_decoders`, and the decoder of the int8 onnxruntime copy (int8 activations, quantized per token: with one
+    scale per tensor a row's logits would depend on the other rows and on the prompt's chunks)."""
+    if request.param == "int8 activations":
+        return in_place_pipeline(variants["mistral"], tmp_path_factory.mktemp("int8"), int8_activations=True)
+    return (pipelines if request.param == "masked cache" else in_place_pipelines)["mistral"]
+
+
 def _alone(pipeline, question):
     return pipeline.generate(**question)
 
 
 @pytest.mark.parametrize("concurrency, chunk", [(3, 5), (8, 64)])
-def test_every_answer_equals_its_answer_served_alone(both_decoders, concurrency, chunk):
-    pipeline = both_decoders
+def test_every_answer_equals_its_answer_served_alone(batched_decoders, concurrency, chunk):
+    pipeline = batched_decoders
     expected = [_alone(pipeline, q) for q in QUESTIONS]
     with Scheduler(pipeline, max_concurrency=concurrency, prefill_chunk=chunk) as scheduler:
         completions = [scheduler.submit(Request.build(**q)) for q in QUESTIONS]

@@ -12,12 +12,14 @@ import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
-from llava_rt.export.drift import decoder_drift
+from llava_rt.export.drift import decoder_drift, decoder_prompts, open_graph, run_graph
 from llava_rt.export.fusion import graph_opset
 from llava_rt.export.group_query_attention import add_onnxruntime_copies
 from llava_rt.export.manifest import external_data_file
-from llava_rt.export.weight_only import INT4_BLOCK, quantize_decoder, quantize_weight, weight_matmuls
+from llava_rt.export.weight_only import quantize_decoder
+from llava_rt.export.weight_quantization import INT4_BLOCK, quantize_weight, weight_matmuls
 from llava_rt.runtime.bundle import read_array
+from llava_rt.runtime.kv_cache import KVCache
 
 # Mistral (sliding window), Llama, and Qwen2 (projection biases, lm_head tied to the embeddings). NeXT-Video's decoder
 # is a Llama too: its three bundles would add exports, not cases.
@@ -128,8 +130,16 @@ def test_int8_activations_only_into_weight_matmuls(quantized):
     reference, written, _ = quantized
     fp32, graph = _graph(reference), _graph(written["int8.ort"])
     weights = {tensor.name for tensor in graph.initializer}
-    integer = [node for node in graph.node if node.op_type == "MatMulInteger"]
+    integer = [node for node in graph.node if node.op_type == "MatMulIntegerToFloat"]
     assert len(integer) == len(weight_matmuls(fp32)) and all(node.input[1] in weights for node in integer)
+    assert not [node for node in graph.node if node.op_type in ("MatMul", "DynamicQuantizeLinear") and node.input[1] in weights]
+    # one scale per token: each QuantizeLinear takes its whole row as one block
+    quantizers = [node for node in graph.node if node.op_type == "QuantizeLinear"]
+    assert len(quantizers) == len(integer)
+    for node in quantizers:
+        attributes = {attribute.name: attribute.i for attribute in node.attribute}
+        consumer = next(user for user in integer if user.input[0] == node.output[0])
+        assert attributes == {"axis": -1, "block_size": graph_initializer_rows(graph, consumer.input[1])}
     # the attention products, the mask and the softmax are the fp32 graph's nodes, unchanged
     kept = [node for node in fp32.node if node.op_type in ("Softmax", "Where", "Add") or node.op_type == "MatMul"]
     kept = [node for node in kept if node.name not in {matmul.name for matmul in weight_matmuls(fp32)}]
@@ -140,6 +150,31 @@ def test_int8_activations_only_into_weight_matmuls(quantized):
     producers = _producers(graph)
     quantizing = {"DynamicQuantizeLinear", "QuantizeLinear", "DequantizeLinear"}
     assert not [node.name for node in kept for name in node.input if getattr(producers.get(name), "op_type", "") in quantizing]
+
+
+def graph_initializer_rows(graph, name):
+    return next(tensor.dims[0] for tensor in graph.initializer if tensor.name == name)
+
+
+def test_int8_activations_keep_each_row_independent(quantized):
+    """A row's logits are the same, to the bit, alone or beside another row ten times larger (a scale per tensor would
+    let the larger row coarsen this one's quantization)."""
+    reference, written, _ = quantized
+    manifest = json.loads((reference.parent / "manifest.json").read_text())
+    kv_cache = manifest["graphs"]["decoder"]["kv_cache"]
+    embed = read_array(reference.parent, manifest["arrays"]["embed_tokens"])
+    first, second = decoder_prompts(embed, kv_cache)[:2]
+    session = open_graph(written["int8.ort"])
+    alone = run_graph(session, first, "logits")
+    length = first["inputs_embeds"].shape[1]
+    pair = {
+        "inputs_embeds": np.concatenate([first["inputs_embeds"], 10 * second["inputs_embeds"]]),
+        "position_ids": np.concatenate([first["position_ids"], second["position_ids"]]),
+        **KVCache(kv_cache, 2, np.float32).feeds(np.zeros((2, 0), np.int64), np.ones((2, length), np.int64)),
+    }
+    beside = run_graph(session, pair, "logits")
+    assert np.array_equal(beside[:1], alone)
+    assert not np.array_equal(beside[1:], alone)
 
 
 def _fused_ops(path, tmp_path):
@@ -187,20 +222,20 @@ def test_onnxruntime_copies_run_group_query_attention_on_the_same_weights(quanti
         assert abs(decoder_drift(reference, copies[key], embed, kv_cache)["cosine"] - drift[source]["cosine"]) < 0.01
 
 
-@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("bits", [8, 7, 4])
 def test_quantize_weight_round_trip(bits):
     rng = np.random.default_rng(0)
     weight = rng.standard_normal((2 * INT4_BLOCK + 8, 5)).astype(np.float32)  # K not a multiple of the block
     weight[:, 3] = 0  # an all-zero column keeps a finite scale
     weight[:, 4] = -np.abs(weight[:, 4])  # an all-negative column
     integers, scales = quantize_weight(weight, bits)
-    assert integers.dtype == (np.int8 if bits == 8 else ml_dtypes.int4) and integers.shape == weight.shape
+    assert integers.dtype == (np.int8 if bits != 4 else ml_dtypes.int4) and integers.shape == weight.shape
     assert np.isfinite(scales).all() and (scales > 0).all()
-    per_row = scales[None] if bits == 8 else np.repeat(scales, INT4_BLOCK, axis=0)[: len(weight)]
+    per_row = scales[None] if bits != 4 else np.repeat(scales, INT4_BLOCK, axis=0)[: len(weight)]
     assert np.all(np.abs(integers.astype(np.float32) * per_row - weight) <= per_row / 2 + 1e-6)
     # each group's extreme weight lands on an end of the signed range: no level is wasted
     ends = np.isin(integers.astype(np.int32), [-(2 ** (bits - 1)), 2 ** (bits - 1) - 1])
-    groups = ends[None] if bits == 8 else np.pad(ends, ((0, -len(weight) % INT4_BLOCK), (0, 0))).reshape(-1, INT4_BLOCK, 5)
+    groups = ends[None] if bits != 4 else np.pad(ends, ((0, -len(weight) % INT4_BLOCK), (0, 0))).reshape(-1, INT4_BLOCK, 5)
     assert groups.any(axis=1)[:, [0, 1, 2, 4]].all() and not ends[:, 3].any()
 
 
