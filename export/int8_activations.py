@@ -1,6 +1,6 @@
 """The decoder with int8 activations into its weight MatMuls, for onnxruntime on the CPU (`decoder.int8.ort.onnx`).
 
-Each chosen MatMul `x @ W` becomes a dynamic quantization of `x` per token and an integer product:
+Each weight MatMul `x @ W` becomes a dynamic quantization of `x` per token and an integer product:
 
     scale = max(|x| over the row, tiny) / 127          one scale per token (each row of the last axis)
     q     = QuantizeLinear(x, scale, 128)               uint8, symmetric around the zero point 128; `block_size` is
