@@ -8,7 +8,7 @@ import sys
 import warnings
 
 from .backends import BACKENDS, DEVICES
-from .console import add_standard_options, one_line, run_command, say
+from .console import Terminated, add_standard_options, one_line, run_command, say
 from .errors import LlavaRtError
 from .image_processing import MAX_IMAGE_PIXELS
 from .manifest_schema import FORMS, PRECISIONS
@@ -187,6 +187,8 @@ def _interactive(pipeline, args) -> int:
     while True:
         try:
             line = (pending.pop() if pending else input("> ")).strip()
+        except Terminated:
+            raise
         except (EOFError, KeyboardInterrupt):
             print(file=sys.stderr)
             return 0
@@ -214,6 +216,8 @@ def _interactive_turn(session, text: str, images: list, videos: list, fields: di
             print(piece, end="", flush=True)
         print()
         _print_timings(turn.result)
+    except Terminated:
+        raise
     except KeyboardInterrupt:
         if turn is None:  # still preparing the turn: nothing was said yet
             print("\nllava-run: interrupted; the message was not sent", file=sys.stderr)

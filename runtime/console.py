@@ -77,9 +77,14 @@ def _configure_logging(prog: str, verbose: bool) -> None:
 
 
 class Interrupted(KeyboardInterrupt):
-    """What Ctrl-C, SIGTERM and SIGHUP raise inside a command. A subclass on purpose: when exactly
+    """What Ctrl-C raises inside a command (SIGTERM and SIGHUP: `Terminated`). A subclass on purpose: when exactly
     `KeyboardInterrupt` leaves a string `eval` (sympy's, under torch.export), CPython later ends a `python -m`
     process with SIGINT, whatever status the command returned."""
+
+
+class Terminated(Interrupted):
+    """What SIGTERM and SIGHUP raise: the process is asked to end, so a loop that takes Ctrl-C as "stop this answer"
+    (`llava-run --interactive`) lets it through."""
 
 
 def run_command(
@@ -89,8 +94,9 @@ def run_command(
     extra: tuple[str, Sequence[str]] | None = None,
 ) -> int:
     """Parse `argv`, check the extra (`(name, modules)`), run `body(args)` and turn every expected failure into
-    one line on stderr: `LlavaRtError` exits 2; Ctrl-C, SIGTERM and SIGHUP exit 130 (through `Interrupted`, a
-    `KeyboardInterrupt`, so `finally` blocks and temporary-directory cleanup run); a closed stdout exits 141 silently."""
+    one line on stderr: `LlavaRtError` exits 2; Ctrl-C, SIGTERM and SIGHUP exit 130 (through `Interrupted` and
+    `Terminated`, `KeyboardInterrupt`s, so `finally` blocks and temporary-directory cleanup run); a closed stdout
+    exits 141 silently."""
     prog = parser.prog
     args = parser.parse_args(argv)
     _configure_logging(prog, getattr(args, "verbose", False))
@@ -98,7 +104,7 @@ def run_command(
 
     def interrupt(signum, frame) -> None:
         received.append(signum)
-        raise Interrupted
+        raise Interrupted if signum == signal.SIGINT else Terminated
 
     previous = {}
     if threading.current_thread() is threading.main_thread():  # a signal ignored on purpose (`nohup`, `cmd &`) stays so

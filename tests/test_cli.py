@@ -336,6 +336,26 @@ def test_ctrl_c_in_an_interactive_answer_keeps_the_conversation_and_at_the_promp
     assert b"answer interrupted (kept in the conversation)" in stderr and b"Traceback" not in stderr
 
 
+def test_sigterm_in_an_interactive_answer_ends_the_process(variants):
+    """SIGTERM asks the process to end: unlike Ctrl-C it does not just stop the answer and wait for the next line."""
+    import signal
+
+    process = _interactive_process(
+        variants["mistral"].bundle, "--interactive", "--max-new-tokens", "900", "--min-new-tokens", "900"
+    )
+    try:
+        process.stdin.write(b"Tell me everything.\n")
+        process.stdin.flush()
+        assert _read_until(process.stdout, b"> ")
+        _read_until(process.stdout, b" ", limit=64)
+        process.send_signal(signal.SIGTERM)  # during the answer; stdin stays open
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 130, stderr
+    assert stderr.decode().strip().splitlines()[-1] == "llava-run: interrupted" and b"Traceback" not in stderr
+
+
 def test_ctrl_c_in_a_one_shot_run_is_one_line(variants):
     import signal
 
