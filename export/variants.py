@@ -93,6 +93,8 @@ def add_variants(
     for graph, paths in written.items():
         for key, path in paths.items():
             manifest["graphs"][graph]["variants"][key] = variant_entry(path, key)
+    if "int8" in precisions:  # see int8_activations: a token's result does not depend on the run's other tokens
+        manifest["graphs"]["decoder"]["variants"]["int8.ort"]["activation_scales"] = "per_token"
     next_stage()
     if inputs is None:
         from .calibration import calibration_tiles

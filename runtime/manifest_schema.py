@@ -72,6 +72,9 @@ _VARIANT = {
         "inputs": _TENSORS,
         "outputs": _TENSORS,
         "drift": {"type": "object"},
+        # the int8 onnxruntime decoder's dynamic activation quantization, "per_token"; absent in bundles written before
+        # it was recorded, whose decoder has one scale per tensor (a row's logits depend on the other rows of a batch)
+        "activation_scales": {"enum": ["per_token"]},
     },
 }
 _GRAPH = {

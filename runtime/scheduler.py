@@ -193,6 +193,14 @@ class Scheduler:
         spec = pipeline.manifest["graphs"]["decoder"]["kv_cache"]
         kv_dtype = pipeline.input_dtype("decoder", "past_key_values.0.key")
         in_place = writes_in_place([value.name for value in decoder.inputs])
+        variant = pipeline.manifest["graphs"]["decoder"]["variants"][pipeline.selection.variants["decoder"]]
+        if (variant["precision"], variant["form"]) == ("int8", "onnxruntime") and "activation_scales" not in variant:
+            logger.warning(
+                "%s quantizes its activations with one scale per tensor (written by an earlier llava-export): a "
+                "request's tokens can change with the other requests in its batch; export the bundle again for one "
+                "scale per token",
+                variant["file"],
+            )
         self.cache = SlotKVCache(spec, max_concurrency, kv_dtype, pipeline.max_length, self.xp, in_place)
         self.slots = [Slot(index) for index in range(max_concurrency)]
         self.eos = np.array(pipeline.tokens["eos_token_ids"], dtype=np.int64)

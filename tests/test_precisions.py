@@ -15,6 +15,7 @@ import pytest
 from conftest import assert_one_line_error, random_image, run
 from llava_rt.runtime import Pipeline
 from llava_rt.runtime.bundle import sha256_file
+from llava_rt.runtime.scheduler import Scheduler
 
 PRECISIONS = ("fp16", "int8", "int4")
 
@@ -106,6 +107,21 @@ def test_default_precision_on_the_cpu_is_int8_in_onnxruntime_form(exported):
     selection = Pipeline.load(bundle).selection
     assert selection.precision == "int8" and selection.by_default
     assert selection.variants["vision"] == "int8.ort" and selection.variants["decoder"] == "int8.ort"
+
+
+def test_a_batch_dependent_int8_decoder_is_named_by_the_scheduler(exported, caplog):
+    """The int8 onnxruntime decoder is recorded as quantized per token; a bundle without that record (written before
+    it, one scale per tensor) gets a warning when a scheduler batches its requests."""
+    bundle, manifest, _ = exported
+    assert manifest["graphs"]["decoder"]["variants"]["int8.ort"]["activation_scales"] == "per_token"
+    pipeline = Pipeline.load(bundle)
+    with caplog.at_level("WARNING", logger="llava_rt"):
+        Scheduler(pipeline)
+        assert not caplog.records
+        del pipeline.manifest["graphs"]["decoder"]["variants"]["int8.ort"]["activation_scales"]
+        Scheduler(pipeline)
+    assert [record.getMessage().split(" ")[0] for record in caplog.records] == ["decoder.int8.ort.onnx"]
+    assert "one scale per tensor" in caplog.records[0].getMessage()
 
 
 def test_qdq_zero_points_of_the_standard_files_are_zero(exported):
