@@ -315,17 +315,25 @@ def _read_until(stream, needle: bytes, limit: int = 1 << 20) -> bytes:
     return seen
 
 
-def test_ctrl_c_in_an_interactive_answer_keeps_the_conversation_and_at_the_prompt_exits(variants):
-    import signal
-
-    process = _interactive_process(
-        variants["mistral"].bundle, "--interactive", "--max-new-tokens", "900", "--min-new-tokens", "900"
-    )
+def _answering_chat(bundle):
+    """`llava-run --interactive` streaming a long answer to its first message (its first piece has been read)."""
+    process = _interactive_process(bundle, "--interactive", "--max-new-tokens", "900", "--min-new-tokens", "900")
     try:
         process.stdin.write(b"Tell me everything.\n")
         process.stdin.flush()
         assert _read_until(process.stdout, b"> ")  # the prompt, then the answer starts streaming
         _read_until(process.stdout, b" ", limit=64)
+    except BaseException:
+        process.kill()
+        raise
+    return process
+
+
+def test_ctrl_c_in_an_interactive_answer_keeps_the_conversation_and_at_the_prompt_exits(variants):
+    import signal
+
+    process = _answering_chat(variants["mistral"].bundle)
+    try:
         process.send_signal(signal.SIGINT)  # during the answer
         assert b"> " in _read_until(process.stdout, b"> ")  # back at the prompt
         process.send_signal(signal.SIGINT)  # at the prompt
@@ -340,14 +348,8 @@ def test_sigterm_in_an_interactive_answer_ends_the_process(variants):
     """SIGTERM asks the process to end: unlike Ctrl-C it does not just stop the answer and wait for the next line."""
     import signal
 
-    process = _interactive_process(
-        variants["mistral"].bundle, "--interactive", "--max-new-tokens", "900", "--min-new-tokens", "900"
-    )
+    process = _answering_chat(variants["mistral"].bundle)
     try:
-        process.stdin.write(b"Tell me everything.\n")
-        process.stdin.flush()
-        assert _read_until(process.stdout, b"> ")
-        _read_until(process.stdout, b" ", limit=64)
         process.send_signal(signal.SIGTERM)  # during the answer; stdin stays open
         _, stderr = process.communicate(timeout=60)
     finally:
