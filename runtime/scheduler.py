@@ -193,7 +193,7 @@ class Scheduler:
         spec = pipeline.manifest["graphs"]["decoder"]["kv_cache"]
         kv_dtype = pipeline.input_dtype("decoder", "past_key_values.0.key")
         in_place = writes_in_place([value.name for value in decoder.inputs])
-        variant = pipeline.manifest["graphs"]["decoder"]["variants"][pipeline.selection.variants["decoder"]]
+        variant = pipeline.bundle.variant("decoder", pipeline.selection.variants["decoder"])
         if (variant["precision"], variant["form"]) == ("int8", "onnxruntime") and "activation_scales" not in variant:
             logger.warning(
                 "%s quantizes its activations with one scale per tensor (written by an earlier llava-export): a "
