@@ -13,6 +13,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import openai
@@ -21,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from test_serve import Server, ask, serving, stream_text, user
 
 RAY_LOGS = Path(os.environ["RAY_TMPDIR"], "ray", "session_latest", "logs", "serve")
-SLOTS, QUEUE = 2, 12  # per replica, and Ray's queue in front of both: 16 requests in all
+SLOTS, QUEUE = 2, 16  # per replica, and Ray's queue in front of both (it counts requests being routed too)
 LONG = user("Tell me everything.")  # greedy, without max_tokens, over 4000 tokens
 
 
@@ -136,41 +139,85 @@ def test_metrics_gather_every_replica(cluster):
     assert len(served) == 2 and "llava_rt_requests_running" in families and "llava_rt_prefix_cache_hits" in families
 
 
+@contextmanager
+def stopped(pids: set[int]):
+    """The processes stopped (SIGSTOP) inside the block, continued after it."""
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+
+
 def test_a_full_cluster_answers_429_and_serves_its_queue_after(cluster):
-    running = [ask(cluster, user(f"Tell me everything, {i}."), stream=True) for i in range(2 * SLOTS)]
-    for stream in running:
-        next(stream)  # every slot is decoding
-    queued, answers = [], []
-    for i in range(QUEUE):
-        thread = threading.Thread(target=lambda i=i: answers.append(ask(cluster, user(f"Hi {i}"), max_tokens=2)))
-        thread.start()
-        queued.append(thread)
-    time.sleep(1.0)  # the queued requests reach Ray's queue
-    with pytest.raises(openai.RateLimitError) as refused:
-        ask(cluster, user("One too many"), max_tokens=1)
-    assert refused.value.status_code == 429 and refused.value.body["code"] == 429
-    for stream in running:
-        stream.close()
-    for thread in queued:
-        thread.join(timeout=60)
+    """Every slot holds a long answer, and the replicas are stopped (SIGSTOP) so that none finishes meanwhile: QUEUE
+    of QUEUE + 2 requests wait in Ray's queue, the other two are refused with 429, and once the replicas go on the
+    queue is served. Counted, not timed: whichever requests arrive last are the refused ones."""
+    with ThreadPoolExecutor(2 * SLOTS) as pool:
+        holders = list(pool.map(lambda _: ask(cluster, LONG, stream=True), range(2 * SLOTS)))
+    outcomes: list = []
+
+    def queued(i: int) -> None:
+        try:
+            outcomes.append(ask(cluster, user(f"Hi {i}"), max_tokens=2))
+        except openai.APIError as exc:
+            outcomes.append(exc)
+
+    threads = [threading.Thread(target=queued, args=(i,)) for i in range(QUEUE + 2)]
+    try:
+        for stream in holders:
+            next(stream)  # every slot is decoding
+        pids = {replica_pid(stream.response.headers["x-llava-replica"]) for stream in holders}
+        assert len(pids) == 2
+        with stopped(pids):
+            for thread in threads:
+                thread.start()
+            deadline = time.monotonic() + 30
+            while len(outcomes) < 2 and time.monotonic() < deadline:
+                time.sleep(0.05)
+    finally:
+        for stream in holders:
+            stream.close()
+    for thread in threads:
+        if thread.ident is not None:  # started
+            thread.join(timeout=60)
+    refused = [outcome for outcome in outcomes if isinstance(outcome, openai.APIError)]
+    assert [(exc.status_code, exc.body["code"]) for exc in refused] == [(429, 429)] * 2, refused
+    answers = [outcome for outcome in outcomes if not isinstance(outcome, openai.APIError)]
     assert len(answers) == QUEUE and all(answer.choices[0].finish_reason == "length" for answer in answers)
 
 
-def _generated_tokens(server: Server) -> float:
+def _summed_metrics(server: Server) -> Counter[str]:
+    """Each llava-rt sample's value summed over the replicas, every one of which must have answered the scrape."""
     _, _, body = server.http("GET", "/metrics")
-    families = {family.name: family for family in text_string_to_metric_families(body.decode())}
-    return sum(sample.value for sample in families["llava_rt_generated_tokens"].samples if sample.name.endswith("_total"))
+    sums, replicas = Counter(), set()
+    for family in text_string_to_metric_families(body.decode()):
+        for sample in family.samples:
+            sums[sample.name] += sample.value
+            replicas.add(sample.labels["replica"])
+    assert len(replicas) == 2, f"the scrape gathered {len(replicas)} replicas' metrics"
+    return sums
+
+
+def _idle_metrics(server: Server) -> Counter[str]:
+    """The summed metrics once no replica is running a request."""
+    deadline = time.monotonic() + 30
+    while (sums := _summed_metrics(server))["llava_rt_requests_running"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert sums["llava_rt_requests_running"] == 0, "the replicas are still running requests"
+    return sums
 
 
 def test_a_client_that_leaves_stops_its_generation_on_the_replica(cluster):
+    """Counted in tokens, not timed: that answer runs to over 4000 tokens; cancelled, it stops far short of that."""
+    before = _idle_metrics(cluster)["llava_rt_generated_tokens_total"]
     stream = ask(cluster, LONG, stream=True)
     for _ in range(5):
         next(stream)
     stream.close()
-    time.sleep(2.0)  # the cancellation crosses the proxy, the front and the replica
-    left = _generated_tokens(cluster)
-    time.sleep(2.0)
-    assert _generated_tokens(cluster) == left  # nothing is generating any more: that answer ran to over 4000 tokens
+    assert _idle_metrics(cluster)["llava_rt_generated_tokens_total"] - before < 2000
 
 
 def _stream_lines(port: int, messages: list[dict]):
