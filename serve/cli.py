@@ -8,6 +8,7 @@ import dataclasses
 import logging
 import math
 import os
+import socket
 import sys
 import warnings
 from pathlib import Path
@@ -207,6 +208,15 @@ def configs(args: argparse.Namespace) -> tuple[ServeConfig, ClusterConfig | None
     return config, cluster
 
 
+def _check_port_free(host: str, port: int) -> None:
+    """`InputError` if `host:port` cannot be listened on (taken, or not an address of this machine)."""
+    try:
+        with socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET):
+            pass
+    except OSError as exc:
+        raise InputError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+
+
 def _main(args: argparse.Namespace) -> int:
     import uvicorn
     from PIL import Image
@@ -224,6 +234,7 @@ def _main(args: argparse.Namespace) -> int:
 
         serve_replicas(config, cluster, args.host, args.port, args.log_level)
         return 0
+    _check_port_free(args.host, args.port)  # before the bundle loads, and in one line rather than uvicorn's log
     try:
         uvicorn.run(
             create_app(config),

@@ -44,7 +44,11 @@ def serve_replicas(config: ServeConfig, cluster: ClusterConfig, host: str, port:
         raise LlavaRtError(f"could not start or join Ray: {one_line(exc)}") from exc
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # Ray's own handler would abort without cleaning up
     try:
-        serve.start(http_options={"host": host, "port": port}, logging_config={"log_level": level})
+        try:
+            serve.start(http_options={"host": host, "port": port}, logging_config={"log_level": level})
+        except ray.exceptions.RayError as exc:  # its HTTP proxy failed: the port is taken, or the node is too slow
+            cause = getattr(exc, "cause", None) or exc
+            raise LlavaRtError(f"Ray Serve's HTTP proxy did not start on {host}:{port}: {one_line(cause)}") from exc
         try:
             serve.run(application(config, cluster), name=APP_NAME, route_prefix="/")
         except RuntimeError as exc:  # a replica failed to start (its log says why)

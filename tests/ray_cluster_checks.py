@@ -9,6 +9,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -42,6 +43,10 @@ def cluster(tmp_path_factory) -> Server:
     limits = ("--max-concurrency", str(SLOTS), "--max-queue", str(QUEUE))
     with serving(bundle, tmp_path_factory.mktemp("cluster"), "--replicas", "2", "--replica-cpus", "0.5", *limits) as server:
         yield server
+    _assert_no_ray_processes_left()
+
+
+def _assert_no_ray_processes_left() -> None:
     deadline = time.monotonic() + 30
     while (left := _ray_processes()) and time.monotonic() < deadline:
         time.sleep(0.5)
@@ -94,6 +99,23 @@ def test_joining_a_running_cluster_leaves_it_running(tmp_path, monkeypatch):
         assert " 0.0/2.0 CPU" in status.stdout, "the replica's CPU is still reserved: the app was not removed"
     finally:
         subprocess.run(ray + ["stop", "--force"], capture_output=True, timeout=120)
+
+
+def test_a_taken_port_is_one_line_and_leaves_no_ray_behind():
+    """Ray Serve's HTTP proxy cannot bind: one line, status 2, and the local Ray cluster is stopped."""
+    bundle = os.environ["LLAVA_RT_CLUSTER_BUNDLE"]
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        command = [sys.executable, "-m", "llava_rt.serve.cli", bundle, "--replicas", "1", "--port", str(port)]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("llava-serve: error:")]
+    assert errors == [
+        f"llava-serve: error: Ray Serve's HTTP proxy did not start on 127.0.0.1:{port}: "
+        f"Failed to bind to address '127.0.0.1:{port}'."
+    ], result.stderr
+    _assert_no_ray_processes_left()
 
 
 def test_streamed_answers_equal_the_single_server(cluster, reference):

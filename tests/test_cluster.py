@@ -45,7 +45,7 @@ def test_replicas_on_ray_serve(onevision, tmp_path):
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
     summary = re.search(r"(\d+) passed", output)
-    assert summary is not None and int(summary.group(1)) == 8 and "skipped" not in output, output
+    assert summary is not None and int(summary.group(1)) == 9 and "skipped" not in output, output
 
 
 def test_the_application_builder_takes_the_commands_flags(tmp_path):
