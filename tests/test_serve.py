@@ -563,8 +563,6 @@ def test_a_taken_port_is_one_line(bundle):
         result = run("llava_rt.serve.cli", str(bundle), "--port", str(port))
     assert result.returncode == 2
     assert_one_line_error(result, "llava-serve", f"cannot listen on 127.0.0.1:{port}: Address already in use")
-    result = run("llava_rt.serve.cli", str(bundle), "--host", "192.0.2.1", "--port", str(port))  # TEST-NET: not ours
-    assert_one_line_error(result, "llava-serve", "cannot listen on 192.0.2.1")
 
 
 def test_missing_bundle_and_missing_extra_are_one_line(tmp_path):
