@@ -1,6 +1,7 @@
 """The llava-serve application on Ray Serve: model replicas, each running the server's own app (serve/app.py) on its
 own loaded bundle and scheduler, behind one front deployment that reads each request, computes its cache-affinity
-keys and relays it to the replica the router picks (serve/relay.py). `/metrics` there gathers every replica's."""
+keys and relays it to the replica the router picks (serve/relay.py). `/metrics` there gathers every replica's, each
+read in its process through Ray's `__ray_call__` (serve/replica_process.py), so that busy slots do not hold it up."""
 
 from __future__ import annotations
 
@@ -8,11 +9,13 @@ import asyncio
 import logging
 import os
 
+import ray
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from ray import serve
 from ray.exceptions import RayActorError
+from ray.serve._private.constants import SERVE_NAMESPACE
 from ray.serve.config import RequestRouterConfig
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
@@ -21,7 +24,7 @@ from starlette.responses import Response, StreamingResponse
 
 from llava_rt.runtime.console import one_line
 
-from . import router_registry
+from . import replica_process, router_registry
 from .affinity import prefix_keys
 from .app import ModelState, create_app, error_response, load_engine, read_body
 from .config import ClusterConfig, ServeConfig
@@ -47,15 +50,16 @@ class ModelReplica:
         self.state.load(config)
         self.app = create_app(config, state=self.state)
         self.replica_id = serve.get_replica_context().replica_id.unique_id
+        replica_process.REPLICA = self
         # Ray Serve's logger writes to this replica's own log file, named after its id
         logging.getLogger("ray.serve").info("%s loaded (pid %d)", config.bundle, os.getpid())
 
-    async def relay(self, scope: dict, body: bytes, affinity: tuple[str, ...] = (), replica: str | None = None):
-        """The app's answer to one request, as ASGI messages (`affinity` and `replica` are for the router)."""
+    async def relay(self, scope: dict, body: bytes, affinity: tuple[str, ...] = ()):
+        """The app's answer to one request, as ASGI messages (`affinity` is for the router)."""
         async for message in run_app(self.app, scope, body, {REPLICA_HEADER: self.replica_id}):
             yield message
 
-    def metrics(self, replica: str | None = None) -> tuple[str, str]:
+    def metrics(self) -> tuple[str, str]:
         """This replica's id and its metrics in Prometheus' text format."""
         return self.replica_id, self.app.state.metrics.render().decode()
 
@@ -120,9 +124,7 @@ class Front:
         return response
 
     async def _metrics(self) -> Response:
-        replica_ids = router_registry.replica_ids(MODEL_DEPLOYMENT)
-        call = self.model.options(method_name="metrics")
-        calls = [asyncio.wait_for(call.remote(replica=replica_id), METRICS_TIMEOUT_S) for replica_id in replica_ids]
+        calls = [_replica_metrics(name) for name in router_registry.replica_actor_names(MODEL_DEPLOYMENT)]
         texts = []
         for result in await asyncio.gather(*calls, return_exceptions=True):
             if isinstance(result, BaseException):
@@ -132,6 +134,12 @@ class Front:
         registry = CollectorRegistry(auto_describe=False)
         registry.register(_Families(_merged(texts)))
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+
+async def _replica_metrics(actor_name: str) -> tuple[str, str]:
+    """One replica's id and metrics, read in its process (not a Ray Serve request: see serve/replica_process.py)."""
+    actor = await asyncio.to_thread(ray.get_actor, actor_name, namespace=SERVE_NAMESPACE)
+    return await asyncio.wait_for(actor.__ray_call__.remote(replica_process.replica_metrics), METRICS_TIMEOUT_S)
 
 
 async def _until_replica_lost(body_parts, messages, streaming: bool):

@@ -1,10 +1,10 @@
 """Ray Serve request routers for the model replicas, running in the front deployment's process.
 
-`PowerOfTwoRouter` is Ray's default routing (two random replicas, the less loaded wins), plus requests aimed at one
-replica by its id (`/metrics` asks each replica). `CacheAffinityRouter` routes requests that have cache-affinity
-keys (serve/affinity.py): to the replica that served the longest of them when that replica has a free slot, else
-to the replica holding the fewest conversations; it learns from every request it routes. Requests without keys
-(short prompts) get the default routing."""
+`PowerOfTwoRouter` is Ray's default routing (two random replicas, the less loaded wins), registered in
+serve/router_registry.py for the front's `/metrics` to list the replicas. `CacheAffinityRouter` routes requests
+that have cache-affinity keys (serve/affinity.py): to the replica that served the longest of them when that
+replica has a free slot, else to the replica holding the fewest conversations; it learns from every request it
+routes. Requests without keys (short prompts) get the default routing."""
 
 from __future__ import annotations
 
@@ -19,19 +19,11 @@ MAX_REMEMBERED_PREFIXES = 1 << 16
 
 
 class PowerOfTwoRouter(PowerOfTwoChoicesRequestRouter):
-    """Ray's default routing; a request with a `replica` keyword goes to that replica only."""
+    """Ray's default routing, registered by deployment name."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         router_registry.ROUTERS[self._deployment_id.name] = self
-
-    async def choose_replicas(
-        self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
-    ) -> list[list[RunningReplica]]:
-        target = pending_request.kwargs.get("replica") if pending_request is not None else None
-        if target is not None:
-            return [[replica for replica in candidate_replicas if replica.replica_id.unique_id == target]]
-        return await super().choose_replicas(candidate_replicas, pending_request)
 
 
 class CacheAffinityRouter(PowerOfTwoRouter):
@@ -56,7 +48,7 @@ class CacheAffinityRouter(PowerOfTwoRouter):
         self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
     ) -> list[list[RunningReplica]]:
         keys = pending_request.kwargs.get("affinity", ()) if pending_request is not None else ()
-        if not keys or pending_request.kwargs.get("replica") is not None:
+        if not keys:
             return await super().choose_replicas(candidate_replicas, pending_request)
         # one replica per rank: a full one is skipped by Ray (its queue is at max_ongoing_requests), the next tried
         fewest_first = sorted(candidate_replicas, key=lambda replica: self._conversations[replica.replica_id])

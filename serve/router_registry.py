@@ -8,7 +8,8 @@ import weakref
 ROUTERS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
 
-def replica_ids(deployment: str) -> list[str]:
-    """The ids of `deployment`'s running replicas, as this process's router for it knows them (none yet: [])."""
+def replica_actor_names(deployment: str) -> list[str]:
+    """The Ray actor names of `deployment`'s running replicas, as this process's router for it knows them (none
+    yet: [])."""
     router = ROUTERS.get(deployment)
-    return [replica_id.unique_id for replica_id in router.curr_replicas] if router is not None else []
+    return [replica_id.to_full_id_str() for replica_id in router.curr_replicas] if router is not None else []

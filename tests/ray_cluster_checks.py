@@ -153,12 +153,49 @@ def test_continued_conversations_land_on_the_replica_holding_their_cache(cluster
         assert second.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens - 1
 
 
-def test_metrics_gather_every_replica(cluster):
-    status, _, body = cluster.http("GET", "/metrics")
-    assert status == 200
-    families = {family.name: family for family in text_string_to_metric_families(body.decode())}
-    served = {sample.labels["replica"] for sample in families["llava_rt_generated_tokens"].samples}
-    assert len(served) == 2 and "llava_rt_requests_running" in families and "llava_rt_prefix_cache_hits" in families
+def _summed_metrics(server: Server) -> tuple[Counter[str], int]:
+    """Each llava-rt sample's value summed over the replicas, and how many replicas the scrape gathered."""
+    _, _, body = server.http("GET", "/metrics")
+    sums, replicas = Counter(), set()
+    for family in text_string_to_metric_families(body.decode()):
+        for sample in family.samples:
+            sums[sample.name] += sample.value
+            replicas.add(sample.labels["replica"])
+    return sums, len(replicas)
+
+
+def _idle_metrics(server: Server) -> Counter[str]:
+    """The summed metrics of both replicas once neither is running a request."""
+    deadline = time.monotonic() + 30
+    while True:
+        sums, replicas = _summed_metrics(server)
+        if (replicas == 2 and not sums["llava_rt_requests_running"]) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert replicas == 2 and sums["llava_rt_requests_running"] == 0, f"{replicas} replicas, still running requests"
+    return sums
+
+
+@contextmanager
+def every_slot_busy(server: Server):
+    """Every slot of both replicas decoding the 4066-token answer, streamed and unread; the streams closed after."""
+    with ThreadPoolExecutor(2 * SLOTS) as pool:
+        holders = list(pool.map(lambda _: ask(server, LONG, stream=True), range(2 * SLOTS)))
+    try:
+        for stream in holders:
+            next(stream)
+        yield holders
+    finally:
+        for stream in holders:
+            stream.close()
+
+
+def test_metrics_gather_every_replica_while_every_slot_is_busy(cluster):
+    """The scrape is not a request to the replicas (those wait for a free slot): it reads both while they are full."""
+    with every_slot_busy(cluster):
+        sums, replicas = _summed_metrics(cluster)
+    assert replicas == 2 and sums["llava_rt_requests_running"] == 2 * SLOTS
+    assert "llava_rt_generated_tokens_total" in sums and "llava_rt_prefix_cache_hits_total" in sums
 
 
 @contextmanager
@@ -177,8 +214,6 @@ def test_a_full_cluster_answers_429_and_serves_its_queue_after(cluster):
     """Every slot holds a long answer, and the replicas are stopped (SIGSTOP) so that none finishes meanwhile: QUEUE
     of QUEUE + 2 requests wait in Ray's queue, the other two are refused with 429, and once the replicas go on the
     queue is served. Counted, not timed: whichever requests arrive last are the refused ones."""
-    with ThreadPoolExecutor(2 * SLOTS) as pool:
-        holders = list(pool.map(lambda _: ask(cluster, LONG, stream=True), range(2 * SLOTS)))
     outcomes: list = []
 
     def queued(i: int) -> None:
@@ -188,9 +223,7 @@ def test_a_full_cluster_answers_429_and_serves_its_queue_after(cluster):
             outcomes.append(exc)
 
     threads = [threading.Thread(target=queued, args=(i,)) for i in range(QUEUE + 2)]
-    try:
-        for stream in holders:
-            next(stream)  # every slot is decoding
+    with every_slot_busy(cluster) as holders:
         pids = {replica_pid(stream.response.headers["x-llava-replica"]) for stream in holders}
         assert len(pids) == 2
         with stopped(pids):
@@ -199,9 +232,6 @@ def test_a_full_cluster_answers_429_and_serves_its_queue_after(cluster):
             deadline = time.monotonic() + 30
             while len(outcomes) < 2 and time.monotonic() < deadline:
                 time.sleep(0.05)
-    finally:
-        for stream in holders:
-            stream.close()
     for thread in threads:
         if thread.ident is not None:  # started
             thread.join(timeout=60)
@@ -209,27 +239,6 @@ def test_a_full_cluster_answers_429_and_serves_its_queue_after(cluster):
     assert [(exc.status_code, exc.body["code"]) for exc in refused] == [(429, 429)] * 2, refused
     answers = [outcome for outcome in outcomes if not isinstance(outcome, openai.APIError)]
     assert len(answers) == QUEUE and all(answer.choices[0].finish_reason == "length" for answer in answers)
-
-
-def _summed_metrics(server: Server) -> Counter[str]:
-    """Each llava-rt sample's value summed over the replicas, every one of which must have answered the scrape."""
-    _, _, body = server.http("GET", "/metrics")
-    sums, replicas = Counter(), set()
-    for family in text_string_to_metric_families(body.decode()):
-        for sample in family.samples:
-            sums[sample.name] += sample.value
-            replicas.add(sample.labels["replica"])
-    assert len(replicas) == 2, f"the scrape gathered {len(replicas)} replicas' metrics"
-    return sums
-
-
-def _idle_metrics(server: Server) -> Counter[str]:
-    """The summed metrics once no replica is running a request."""
-    deadline = time.monotonic() + 30
-    while (sums := _summed_metrics(server))["llava_rt_requests_running"] and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert sums["llava_rt_requests_running"] == 0, "the replicas are still running requests"
-    return sums
 
 
 def test_a_client_that_leaves_stops_its_generation_on_the_replica(cluster):
