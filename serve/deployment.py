@@ -124,7 +124,8 @@ class Front:
         return response
 
     async def _metrics(self) -> Response:
-        calls = [_replica_metrics(name) for name in router_registry.replica_actor_names(MODEL_DEPLOYMENT)]
+        names = router_registry.replica_actor_names(MODEL_DEPLOYMENT)
+        calls = [asyncio.wait_for(_replica_metrics(name), METRICS_TIMEOUT_S) for name in names]
         texts = []
         for result in await asyncio.gather(*calls, return_exceptions=True):
             if isinstance(result, BaseException):
@@ -139,7 +140,7 @@ class Front:
 async def _replica_metrics(actor_name: str) -> tuple[str, str]:
     """One replica's id and metrics, read in its process (not a Ray Serve request: see serve/replica_process.py)."""
     actor = await asyncio.to_thread(ray.get_actor, actor_name, namespace=SERVE_NAMESPACE)
-    return await asyncio.wait_for(actor.__ray_call__.remote(replica_process.replica_metrics), METRICS_TIMEOUT_S)
+    return await actor.__ray_call__.remote(replica_process.replica_metrics)
 
 
 async def _until_replica_lost(body_parts, messages, streaming: bool):
