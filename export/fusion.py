@@ -107,5 +107,9 @@ def decoder_export_options(opset: int, log: Callable[[str], None]) -> dict:
 
 def graph_opset(path: Path) -> int:
     """The ai.onnx opset a saved graph imports (its weights are not read)."""
-    model = onnx.load(path, load_external_data=False)
+    return model_opset(onnx.load(path, load_external_data=False))
+
+
+def model_opset(model: onnx.ModelProto) -> int:
+    """The ai.onnx opset `model` imports."""
     return next(opset.version for opset in model.opset_import if opset.domain in ("", "ai.onnx"))

@@ -25,10 +25,9 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper, version_converter
+from onnx import helper, numpy_helper
 
-from .fusion import graph_opset
-from .weight_quantization import quantize_weight, write_with_weight_matmuls_replaced
+from .weight_quantization import load_at_opset, quantize_weight, write_with_weight_matmuls_replaced
 
 WEIGHT_BITS = 7  # int8 weights in [-64, 63]: a pair of uint8 x int8 products fits a signed 16-bit sum (2 * 255 * 64)
 ACTIVATION_LEVELS = 127  # round(x / scale) in [-127, 127], stored with zero point 128
@@ -82,10 +81,8 @@ def _per_token_matmul(node: onnx.NodeProto, weight: np.ndarray, shared: dict[str
 
 def write_int8_activations(reference: Path, target: Path) -> Path:
     """Write the decoder at `reference` with every weight MatMul quantized per token to `target` (+ `<target>.data`);
-    a decoder below `QUANTIZE_OPSET` goes to it through onnx's version converter. The weights are read one at a time."""
-    model = onnx.load(reference, load_external_data=False)
-    if graph_opset(reference) < QUANTIZE_OPSET:
-        model = version_converter.convert_version(model, QUANTIZE_OPSET)
+    a decoder below `QUANTIZE_OPSET` goes to it (`load_at_opset`). The weights are read one at a time."""
+    model = load_at_opset(reference, QUANTIZE_OPSET)
     if all(entry.domain != MICROSOFT for entry in model.opset_import):
         model.opset_import.append(helper.make_opsetid(MICROSOFT, 1))
     shared = _constants(model.graph)

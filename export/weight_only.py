@@ -17,14 +17,14 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper, version_converter
+from onnx import helper, numpy_helper
 
-from .fusion import graph_opset
 from .int8_activations import write_int8_activations
-from .weight_quantization import INT4_BLOCK, Replacement, quantize_weight, write_with_weight_matmuls_replaced
+from .weight_quantization import INT4_BLOCK, Replacement, load_at_opset, quantize_weight, write_with_weight_matmuls_replaced
 
 BITS = {"int8": 8, "int4": 4}
-BLOCKED_OPSET = 21  # DequantizeLinear with INT4 weights and `block_size`; int8 per-channel needs only opset 13
+BLOCKED_OPSET = 21  # DequantizeLinear with INT4 weights and `block_size`
+PER_CHANNEL_OPSET = 13  # DequantizeLinear with `axis`, enough for int8 per channel
 
 
 def _dequantized(bits: int) -> Replacement:
@@ -48,12 +48,9 @@ def _dequantized(bits: int) -> Replacement:
 def write_weight_only(reference: Path, target: Path, bits: int) -> Path:
     """Write the standard weight-only form of the decoder at `reference` to `target` (+ `<target>.data`).
 
-    For int4 a model below `BLOCKED_OPSET` goes to it through onnx's version converter (which adapts any operator
-    whose meaning changed; the decoder's ops only gained types); int8 keeps the reference's opset (18, from
+    For int4 a model below `BLOCKED_OPSET` goes to it (`load_at_opset`); int8 keeps the reference's opset (18, from
     `llava-export --decoder-opset 18`, is one TensorRT 10.3 parses). The weights are read one at a time."""
-    model = onnx.load(reference, load_external_data=False)
-    if bits == 4 and graph_opset(reference) < BLOCKED_OPSET:
-        model = version_converter.convert_version(model, BLOCKED_OPSET)
+    model = load_at_opset(reference, BLOCKED_OPSET if bits == 4 else PER_CHANNEL_OPSET)
     return write_with_weight_matmuls_replaced(model, reference, target, _dequantized(bits))
 
 

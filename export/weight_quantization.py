@@ -9,7 +9,9 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 import onnx
-from onnx import external_data_helper, numpy_helper
+from onnx import external_data_helper, numpy_helper, version_converter
+
+from .fusion import model_opset
 
 # What replaces one weight MatMul, given the node and its fp32 weight: the nodes (the MatMul's output keeps its name)
 # and the initializers they add.
@@ -18,6 +20,14 @@ Replacement = Callable[[onnx.NodeProto, np.ndarray], tuple[list[onnx.NodeProto],
 # Rows per int4 block: NVIDIA's TensorRT quantization docs list block sizes 64 and 128 for INT4 weights, and onnxruntime
 # fuses blocks of 16 to 256 (powers of 2) into MatMulNBits.
 INT4_BLOCK = 128
+
+
+def load_at_opset(reference: Path, opset: int) -> onnx.ModelProto:
+    """The graph at `reference`, without its weights, at `opset` or the newer one it imports: an older graph goes
+    through onnx's version converter (which adapts any operator whose meaning changed; the decoder's ops only gained
+    types)."""
+    model = onnx.load(reference, load_external_data=False)
+    return model if model_opset(model) >= opset else version_converter.convert_version(model, opset)
 
 
 def weight_matmuls(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
