@@ -166,14 +166,15 @@ def _summed_metrics(server: Server) -> tuple[Counter[str], int]:
 
 def _idle_metrics(server: Server) -> Counter[str]:
     """The summed metrics of both replicas once neither is running a request."""
-    deadline = time.monotonic() + 30
-    while True:
-        sums, replicas = _summed_metrics(server)
-        if (replicas == 2 and not sums["llava_rt_requests_running"]) or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
-    assert replicas == 2 and sums["llava_rt_requests_running"] == 0, f"{replicas} replicas, still running requests"
-    return sums
+    scraped: list[tuple[Counter[str], int]] = []
+
+    def idle() -> bool:
+        scraped.append(_summed_metrics(server))
+        sums, replicas = scraped[-1]
+        return replicas == 2 and sums["llava_rt_requests_running"] == 0
+
+    server.wait_for(idle, 30, "both replicas idle")
+    return scraped[-1][0]
 
 
 @contextmanager
